@@ -1,0 +1,31 @@
+# qoq: the two commands the README opens with.
+#   make demo   set up the environment, train DRPO with vLLM rollouts on the embedded demo data, evaluate
+#   make test   set up the environment, run the default test suite
+VENV ?= .venv
+QOQ = $(VENV)/bin/qoq
+PY = $(VENV)/bin/python
+RUN ?= runs/demo
+
+.PHONY: setup demo test test-slow test-gpu bench clean
+
+setup:
+	@bash scripts/setup.sh $(VENV)
+
+demo: setup
+	$(QOQ) fit --config configs/demo.yaml --trainer.default_root_dir $(RUN)
+	$(QOQ) test --config configs/demo.yaml --trainer.default_root_dir $(RUN) --ckpt_path $(RUN)/checkpoints/last.ckpt
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-slow: setup
+	$(PY) -m pytest -q -p no:cacheprovider -m slow
+
+test-gpu: setup
+	$(PY) -m pytest -q -p no:cacheprovider -m gpu
+
+bench: setup
+	$(PY) -m benchmarks.run
+
+clean:
+	rm -rf runs lightning_logs
