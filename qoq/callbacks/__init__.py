@@ -1,0 +1,23 @@
+"""Evaluation and logging callbacks: clinical metrics (torchmetrics), report folders, JSONL traces."""
+
+from qoq.callbacks.evaluation import ClinicalMetricsCallback
+from qoq.callbacks.metrics import (
+    ClinicalMetrics,
+    EvalRecord,
+    label_space_from_records,
+    merge_label_spaces,
+)
+from qoq.callbacks.report import write_report
+from qoq.callbacks.traces import RolloutTraceWriter, record_to_json, write_traces
+
+__all__ = [
+    "ClinicalMetrics",
+    "ClinicalMetricsCallback",
+    "EvalRecord",
+    "RolloutTraceWriter",
+    "label_space_from_records",
+    "merge_label_spaces",
+    "record_to_json",
+    "write_report",
+    "write_traces",
+]
