@@ -1,0 +1,526 @@
+"""PolicyOptimization: the GRPO-family RL LightningModule (DRPO by default, any estimator by config).
+
+The module owns the RL loop of one training step and nothing else: the math lives in :mod:`qoq.rl`
+(advantages, losses, rewards), the model in :class:`qoq.models.Policy`, generation in a
+:class:`qoq.rl.rollout.RolloutEngine`, metrics and reports in :mod:`qoq.callbacks`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from qoq.models.policy import Policy
+from qoq.rl import losses
+from qoq.rl.advantages import DRPO, AdvantageEstimator
+from qoq.rl.rewards import RewardFn, extract_answer, parse_boxes
+from qoq.rl.rollout.base import RolloutEngine
+from qoq.rl.rollout.hf import HFEngine
+from qoq.types import PromptBatch, RolloutBatch, SamplingParams
+
+
+@dataclass
+class LossConfig:
+    """Policy-loss settings (ALGORITHMS.md section 3).
+
+    Args:
+        eps_low: lower PPO clip range (ratio >= 1 - eps_low).
+        eps_high: upper PPO clip range (ratio <= 1 + eps_high); the released code used 0.3 ("clip-higher").
+        dual_clip: dual-clip constant c for negative advantages (released: 3.0); None disables it.
+        kl_coef: coefficient beta of the KL-to-reference loss term (released: 1e-4 for 7B); 0 disables it.
+        kl_kind: KL estimator: "k1", "k2" or "k3" (low-variance, clamped to [-10, 10]).
+        entropy_coef: entropy bonus coefficient (off by default).
+        agg: loss aggregation: "token_mean", "seq_mean_token_mean" (paper) or "seq_mean_token_sum".
+        tis_cap: truncated importance-sampling cap for the engine/trainer mismatch; None disables it.
+    """
+
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    dual_clip: float | None = None
+    kl_coef: float = 0.0
+    kl_kind: Literal["k1", "k2", "k3"] = "k3"
+    entropy_coef: float = 0.0
+    agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = "token_mean"
+    tis_cap: float | None = None
+
+
+class PolicyOptimization(L.LightningModule):
+    """GRPO-family reinforcement learning of a multimodal policy; DRPO with the default estimator.
+
+    One training step: embed the prompts (encoders -> projector -> spliced LM embeddings), sample ``n``
+    responses per prompt with the rollout engine, score them, compute advantages with the injected
+    estimator (DRPO rescales them by domain rarity and difficulty), recompute old and reference
+    log-probs, then ``ppo_epochs`` x ``mini_batches`` optimizer steps of the clipped surrogate (+ KL),
+    and push the new weights into the engine (verified). Swapping ``advantage`` swaps the algorithm.
+
+    Args:
+        policy: the multimodal policy (LM + encoders + projector).
+        init_policy_from: a checkpoint whose policy weights start the run (e.g. the SFT warm start written
+            by ``qoq fit --model qoq.models.Policy``, or an earlier RL run); None keeps the built weights.
+        advantage: advantage estimator, e.g. ``qoq.rl.advantages.DRPO`` or ``qoq.rl.advantages.GRPO``.
+        reward: reward function (accuracy / IoU / format, weighted); default: the paper's weights.
+        rollout: rollout engine: ``qoq.rl.rollout.VLLMEngine`` or ``qoq.rl.rollout.HFEngine`` (default).
+        sampling: training rollout settings (``n`` is the group size).
+        eval_sampling: evaluation generation settings (temperature 0 = greedy).
+        loss: policy-loss settings.
+        ppo_epochs: passes over each rollout batch.
+        mini_batches: optimizer steps per rollout batch and epoch (responses split by group).
+        micro_batch_size: responses per forward/backward (gradient accumulation); None = whole mini-batch.
+        lr: learning rate (AdamW).
+        weight_decay: AdamW weight decay.
+        betas: AdamW betas.
+        optimizer: "adamw" or "adamw8bit" (bitsandbytes).
+        grad_clip: max gradient norm; 0 disables clipping.
+        domain_key: what DRPO treats as a domain: "domain" (the clinical domain, paper) or "dataset"
+            ("domain/dataset", the released code).
+        trace_every: keep a rollout trace every this many steps (written by ``RolloutTraceWriter``); 0 = never.
+        engine_dir: where the rollout engine keeps its copy of the LM; default: ``<log_dir>/engine``.
+    """
+
+    def __init__(
+        self,
+        policy: Policy,
+        init_policy_from: str | None = None,
+        advantage: AdvantageEstimator | None = None,
+        reward: RewardFn | None = None,
+        rollout: RolloutEngine | None = None,
+        sampling: SamplingParams | None = None,
+        eval_sampling: SamplingParams | None = None,
+        loss: LossConfig | None = None,
+        ppo_epochs: int = 1,
+        mini_batches: int = 1,
+        micro_batch_size: int | None = None,
+        lr: float = 1e-5,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.999),
+        optimizer: Literal["adamw", "adamw8bit"] = "adamw",
+        grad_clip: float = 1.0,
+        domain_key: Literal["domain", "dataset"] = "domain",
+        trace_every: int = 10,
+        engine_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["policy", "advantage", "reward", "rollout"])
+        self.automatic_optimization = False
+        self.policy = policy
+        self.advantage = advantage if advantage is not None else DRPO()
+        self.reward = reward if reward is not None else RewardFn()
+        self.rollout = rollout if rollout is not None else HFEngine()
+        self.sampling = sampling or SamplingParams()
+        self.eval_sampling = eval_sampling or SamplingParams(n=1, temperature=0.0, max_new_tokens=self.sampling.max_new_tokens)
+        self.loss_cfg = loss or LossConfig()
+        self.ppo_epochs = ppo_epochs
+        self.mini_batches = mini_batches
+        self.micro_batch_size = micro_batch_size
+        self.domain_key = domain_key
+        self.trace_every = trace_every
+        self.engine_dir = engine_dir
+        self.init_policy_from = init_policy_from
+        self.reference: Policy | None = None
+        self.domain_vocab: list[str] = []  # DRPO domain keys -> ids; grows, saved in checkpoints
+        self.last_rollout_trace: list[dict[str, Any]] | None = None
+        self._configured = False
+        self._engine_ready = False
+        self._eval_records: list[Any] = []
+
+    # ------------------------------------------------------------------ construction
+    def configure_model(self) -> None:
+        """Build the policy's weights and, when a KL term needs it, the frozen reference policy."""
+        if self._configured:
+            return
+        self.policy.configure_model()
+        if self.init_policy_from:
+            load_policy_weights(self.policy, self.init_policy_from)
+        needs_ref = self.loss_cfg.kl_coef > 0 or getattr(self.advantage, "needs_kl", False)
+        if needs_ref and self.reference is None and self.policy.lora is None:
+            self.reference = self.policy.frozen_copy()
+        self._configured = True
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("PolicyOptimization: the policy has no trainable parameters (check `freeze`)")
+        hp = self.hparams
+        if hp.optimizer == "adamw8bit":
+            import bitsandbytes as bnb
+
+            return bnb.optim.AdamW8bit(params, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
+        return torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
+
+    def _ensure_engine(self) -> None:
+        if self._engine_ready:
+            return
+        workdir = Path(self.engine_dir or Path(self.trainer.log_dir or self.trainer.default_root_dir) / "engine")
+        self.rollout.setup(
+            self.policy.lm,
+            self.policy.tokenizer,
+            workdir,
+            suppress_token_ids=self.policy.suppress_token_ids,
+            eos_token_ids=self.policy.eos_token_ids,
+        )
+        self.rollout.sync_weights(self.policy.lm_weights_for_sync())
+        self._engine_ready = True
+
+    def on_fit_start(self) -> None:
+        self._ensure_engine()
+
+    def on_validation_start(self) -> None:
+        self._ensure_engine()
+
+    def on_test_start(self) -> None:
+        self._ensure_engine()
+
+    def on_predict_start(self) -> None:
+        self._ensure_engine()
+
+    def teardown(self, stage: str) -> None:
+        # The engine outlives a stage (fit then test reuse it); it is closed with the process.
+        pass
+
+    # ------------------------------------------------------------------ the RL step
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        timers: dict[str, float] = {}
+        clock = _Clock(timers)
+        params = self.sampling
+        if params.seed is not None:
+            params = SamplingParams(**{**asdict(params), "seed": params.seed + self.global_step})
+
+        with clock("rollout"):
+            with torch.no_grad():
+                embeds = self.policy.prompt_embeds(batch)  # P x [L_i, H]
+            rollout = self.rollout.generate([e.detach() for e in embeds], params)
+            rollout = _to_device(rollout, self.device)
+
+        with clock("reward"):
+            targets = [batch.targets[i] for i in rollout.prompt_index.tolist()]
+            scored = self.reward(rollout.texts, targets)
+            rewards = scored.total.to(self.device, torch.float32)  # [N]
+
+        mask = rollout.response_mask
+        with clock("logprobs"):
+            with torch.no_grad():
+                old_logp, _ = self.policy.response_logprobs(
+                    embeds, rollout.response_ids, mask, rollout.prompt_index, temperature=self._train_temperature
+                )  # [N, R]
+                ref_logp = self._reference_logprobs(batch, embeds, rollout)  # [N, R] or None
+
+        with clock("advantage"):
+            keys = [self._domain_key(batch, i) for i in rollout.prompt_index.tolist()]
+            domain_ids = torch.tensor([self._domain_id(k) for k in keys], device=self.device)
+            kl_seq = None
+            if ref_logp is not None and getattr(self.advantage, "needs_kl", False):
+                kl_tok = losses.kl_penalty(old_logp, ref_logp, "k3")
+                kl_seq = (kl_tok * mask).sum(-1) / mask.sum(-1).clamp_min(1)  # [N]
+            adv_out = self._advantages(rewards, rollout.prompt_index, domain_ids, kl_seq)
+            advantages = adv_out.advantages.to(self.device)  # [N]
+
+        with clock("update"):
+            update_metrics = self._update(batch, rollout, old_logp, ref_logp, advantages)
+
+        with clock("sync"):
+            report = self.rollout.sync_weights(self.policy.lm_weights_for_sync())
+
+        self._log_step(batch, rollout, scored, rewards, advantages, adv_out.metrics, keys, old_logp, update_metrics,
+                       report, timers)
+        if self.trace_every and self.global_step % self.trace_every == 0:
+            self.last_rollout_trace = _trace(batch, rollout, scored, advantages, self.global_step)
+        else:
+            self.last_rollout_trace = None
+
+    @property
+    def _train_temperature(self) -> float:
+        return self.sampling.temperature if self.sampling.temperature > 0 else 1.0
+
+    def _domain_key(self, batch: PromptBatch, i: int) -> str:
+        return batch.domains[i] if self.domain_key == "domain" else f"{batch.domains[i]}/{batch.datasets[i]}"
+
+    def _domain_id(self, key: str) -> int:
+        if key not in self.domain_vocab:
+            self.domain_vocab.append(key)
+        return self.domain_vocab.index(key)
+
+    def _reference_logprobs(self, batch: PromptBatch, embeds: list[Tensor], rollout: RolloutBatch) -> Tensor | None:
+        if not (self.loss_cfg.kl_coef > 0 or getattr(self.advantage, "needs_kl", False)):
+            return None
+        args = (rollout.response_ids, rollout.response_mask, rollout.prompt_index)
+        if self.reference is not None:
+            ref_embeds = self.reference.prompt_embeds(batch)
+            return self.reference.response_logprobs(ref_embeds, *args, temperature=self._train_temperature)[0]
+        with self.policy.reference_mode():
+            ref_embeds = self.policy.prompt_embeds(batch)
+            return self.policy.response_logprobs(ref_embeds, *args, temperature=self._train_temperature)[0]
+
+    def _advantages(self, rewards: Tensor, group_ids: Tensor, domain_ids: Tensor, kl: Tensor | None):
+        """Advantages over the global batch: under data parallelism every rank sees every rank's rewards."""
+        if self.trainer.world_size <= 1:
+            return self.advantage(rewards, group_ids, domain_ids, kl=kl)
+        n_local = rewards.shape[0]
+        groups_local = int(group_ids.max()) + 1
+        gathered = self.all_gather(
+            {"r": rewards, "g": group_ids, "d": domain_ids, "k": kl if kl is not None else torch.zeros_like(rewards)}
+        )
+        # ranks' groups are disjoint: offset group ids by rank
+        offsets = torch.arange(gathered["g"].shape[0], device=self.device)[:, None] * groups_local
+        out = self.advantage(
+            gathered["r"].flatten(),
+            (gathered["g"] + offsets).flatten(),
+            gathered["d"].flatten(),
+            kl=gathered["k"].flatten() if kl is not None else None,
+        )
+        rank = self.trainer.global_rank
+        out.advantages = out.advantages[rank * n_local : (rank + 1) * n_local]
+        return out
+
+    def _update(
+        self, batch: PromptBatch, rollout: RolloutBatch, old_logp: Tensor, ref_logp: Tensor | None, advantages: Tensor
+    ) -> dict[str, Tensor]:
+        """``ppo_epochs`` x ``mini_batches`` optimizer steps; returns the mean of the loss metrics."""
+        opt = self.optimizers()
+        cfg = self.loss_cfg
+        num_groups = len(batch)
+        group_order = torch.arange(num_groups)
+        collected: dict[str, list[Tensor]] = defaultdict(list)
+        gen = torch.Generator().manual_seed(int(self.global_step))
+        for _ in range(self.ppo_epochs):
+            if self.mini_batches > 1:
+                group_order = torch.randperm(num_groups, generator=gen)
+            for groups in group_order.chunk(self.mini_batches):
+                rows = torch.nonzero(torch.isin(rollout.prompt_index.cpu(), groups)).flatten().to(self.device)  # [n_mb]
+                normalizer = losses.loss_normalizer(rollout.response_mask[rows], cfg.agg)
+                opt.zero_grad(set_to_none=True)
+                step = self.micro_batch_size or len(rows)
+                for micro in rows.split(step):
+                    embeds = self.policy.prompt_embeds(batch)  # with grad into trainable encoders/projector
+                    logp, entropy = self.policy.response_logprobs(
+                        embeds,
+                        rollout.response_ids[micro],
+                        rollout.response_mask[micro],
+                        rollout.prompt_index[micro],
+                        temperature=self._train_temperature,
+                        with_entropy=cfg.entropy_coef > 0,
+                    )
+                    tis = None
+                    if cfg.tis_cap is not None and rollout.engine_logprobs is not None:
+                        tis = torch.exp(old_logp[micro] - rollout.engine_logprobs[micro]).clamp(max=cfg.tis_cap)
+                    loss, metrics = losses.policy_loss(
+                        logp,
+                        old_logp[micro],
+                        advantages[micro],
+                        rollout.response_mask[micro],
+                        eps_low=cfg.eps_low,
+                        eps_high=cfg.eps_high,
+                        dual_clip=cfg.dual_clip,
+                        agg=cfg.agg,
+                        normalizer=normalizer,
+                        ref_logp=ref_logp[micro] if ref_logp is not None else None,
+                        kl_coef=cfg.kl_coef,
+                        kl_kind=cfg.kl_kind,
+                        entropy=entropy,
+                        entropy_coef=cfg.entropy_coef,
+                        is_weights=tis,
+                    )
+                    self.manual_backward(loss)
+                    for k, v in metrics.items():
+                        collected[k].append(torch.as_tensor(v, dtype=torch.float32).detach().cpu())
+                    collected["loss"].append(loss.detach().float().cpu())
+                if self.hparams.grad_clip > 0:
+                    norm = torch.nn.utils.clip_grad_norm_(
+                        [p for p in self.policy.parameters() if p.requires_grad], self.hparams.grad_clip
+                    )
+                    collected["grad_norm"].append(torch.as_tensor(norm, dtype=torch.float32).detach().cpu())
+                opt.step()
+        return {k: torch.stack(v).mean() for k, v in collected.items()}
+
+    # ------------------------------------------------------------------ logging
+    def _log_step(self, batch, rollout, scored, rewards, advantages, adv_metrics, keys, old_logp, update_metrics,
+                  report, timers) -> None:
+        mask = rollout.response_mask
+        lengths = mask.sum(-1).float()
+        logs: dict[str, Any] = {
+            "train/reward": rewards.mean(),
+            "train/response_length": lengths.mean(),
+            "train/reward_errors": float(scored.errors),
+            "train/zero_std_groups": _zero_std_fraction(rewards, rollout.prompt_index),
+            "train/sync_ms": report.seconds * 1000.0,
+        }
+        for name, values in scored.components.items():
+            finite = values[torch.isfinite(values)]
+            if finite.numel():
+                logs[f"train/reward_{name}"] = finite.mean()
+        for k, v in update_metrics.items():
+            logs[f"train/{k}"] = v
+        by_domain: dict[str, list[int]] = defaultdict(list)
+        for row, i in enumerate(rollout.prompt_index.tolist()):
+            by_domain[batch.domains[i]].append(row)
+        for domain, rows in by_domain.items():
+            idx = torch.tensor(rows, device=rewards.device)
+            logs[f"train/reward/{domain}"] = rewards[idx].mean()
+            logs[f"train/adv_scale/{domain}"] = advantages[idx].abs().mean()
+        for k, v in (adv_metrics or {}).items():
+            if isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1):
+                logs[f"train/drpo/{self._metric_key(k)}"] = float(v)
+        if rollout.engine_logprobs is not None:
+            diff = (rollout.engine_logprobs.to(old_logp) - old_logp).abs()[mask]
+            if diff.numel():
+                logs["train/logp_mismatch_mean"] = diff.mean()
+                logs["train/logp_mismatch_max"] = diff.max()
+        for k, v in timers.items():
+            logs[f"time/{k}"] = v
+        total = sum(timers.values())
+        if total > 0:
+            for k, v in timers.items():
+                logs[f"time_share/{k}"] = v / total
+        self.log_dict({k: float(v) for k, v in logs.items()}, on_step=True, batch_size=len(batch))
+        self.log("reward", rewards.mean(), prog_bar=True, on_step=True, logger=False, batch_size=len(batch))
+
+    def _metric_key(self, key: Any) -> str:
+        if isinstance(key, tuple):
+            return "/".join(self._metric_key(k) for k in key)
+        if isinstance(key, int) and 0 <= key < len(self.domain_vocab):
+            return self.domain_vocab[key]
+        return str(key)
+
+    # ------------------------------------------------------------------ evaluation
+    def validation_step(self, batch: PromptBatch, batch_idx: int) -> dict[str, Any]:
+        return self._evaluate(batch, "val")
+
+    def test_step(self, batch: PromptBatch, batch_idx: int) -> dict[str, Any]:
+        return self._evaluate(batch, "test")
+
+    def predict_step(self, batch: PromptBatch, batch_idx: int) -> list[dict[str, Any]]:
+        return [r.__dict__ for r in self._evaluate(batch, "predict")["eval_records"]]
+
+    def _evaluate(self, batch: PromptBatch, split: str) -> dict[str, Any]:
+        from qoq.callbacks.metrics import EvalRecord
+
+        with torch.no_grad():
+            embeds = self.policy.prompt_embeds(batch)
+            rollout = self.rollout.generate([e.detach() for e in embeds], self.eval_sampling)
+        targets = [batch.targets[i] for i in rollout.prompt_index.tolist()]
+        scored = self.reward(rollout.texts, targets)
+        records = []
+        for row, i in enumerate(rollout.prompt_index.tolist()):
+            target = batch.targets[i]
+            text = rollout.texts[row]
+            iou = scored.components.get("iou")
+            iou_value = float(iou[row]) if iou is not None and math.isfinite(float(iou[row])) else None
+            records.append(
+                EvalRecord(
+                    id=batch.ids[i],
+                    domain=batch.domains[i],
+                    dataset=batch.datasets[i],
+                    origin=batch.origins[i] if batch.origins else "real",
+                    labels=tuple(target.labels),
+                    gold=frozenset(target.answer),
+                    response=text,
+                    predicted=extract_answer(text, target.labels, self.reward.synonyms),
+                    pred_boxes=[tuple(b) for b in _safe_boxes(text)],
+                    gold_boxes=[tuple(float(x) for x in b) for b in (target.boxes.tolist() if target.boxes is not None else [])],
+                    rewards={k: float(v[row]) for k, v in scored.components.items()} | {"total": float(scored.total[row])},
+                    iou=iou_value,
+                )
+            )
+        self.log(f"{split}/reward", scored.total.float().mean(), batch_size=len(batch), sync_dist=True)
+        return {"eval_records": records}
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["qoq"] = {"advantage": self.advantage.state_dict(), "domain_vocab": list(self.domain_vocab)}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("qoq", {})
+        if "advantage" in state:
+            self.advantage.load_state_dict(state["advantage"])
+        self.domain_vocab = list(state.get("domain_vocab", []))
+        self._engine_ready = False  # weights changed: the engine must be re-synced
+
+
+def load_policy_weights(policy: Policy, ckpt_path: str | Path) -> None:
+    """Load a policy's weights from a ``Policy`` (SFT) or ``PolicyOptimization`` checkpoint.
+
+    Raises:
+        FileNotFoundError: no checkpoint at ``ckpt_path``.
+        RuntimeError: the checkpoint's tensors do not fit the policy (names the missing / unexpected keys).
+    """
+    path = Path(ckpt_path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"init_policy_from: no checkpoint at {path} (run the SFT stage first?)")
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    if any(k.startswith("policy.") for k in state):
+        state = {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
+    missing, unexpected = policy.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(
+            f"init_policy_from {path}: weights do not fit the policy; missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+
+
+class _Clock:
+    """Accumulates wall time per phase into a dict."""
+
+    def __init__(self, timers: dict[str, float]) -> None:
+        self.timers = timers
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timers[name] = self.timers.get(name, 0.0) + time.perf_counter() - start
+
+
+def _to_device(rollout: RolloutBatch, device: torch.device) -> RolloutBatch:
+    return RolloutBatch(
+        prompt_index=rollout.prompt_index.to(device),
+        response_ids=rollout.response_ids.to(device),
+        response_mask=rollout.response_mask.to(device),
+        texts=rollout.texts,
+        engine_logprobs=rollout.engine_logprobs.to(device) if rollout.engine_logprobs is not None else None,
+    )
+
+
+def _zero_std_fraction(rewards: Tensor, group_ids: Tensor) -> Tensor:
+    """Fraction of groups whose rewards are all equal (they carry no GRPO signal)."""
+    groups = int(group_ids.max()) + 1
+    lo = torch.full((groups,), float("inf"), device=rewards.device).scatter_reduce(0, group_ids, rewards, "amin")
+    hi = torch.full((groups,), float("-inf"), device=rewards.device).scatter_reduce(0, group_ids, rewards, "amax")
+    return (hi - lo <= 1e-8).float().mean()
+
+
+def _safe_boxes(text: str) -> list:
+    try:
+        return parse_boxes(text)
+    except Exception:  # noqa: BLE001 - a malformed box list is simply "no boxes" for reporting
+        return []
+
+
+def _trace(batch: PromptBatch, rollout: RolloutBatch, scored, advantages: Tensor, step: int) -> list[dict[str, Any]]:
+    rows = []
+    for row, i in enumerate(rollout.prompt_index.tolist()):
+        rows.append(
+            {
+                "step": step,
+                "prompt_id": batch.ids[i],
+                "domain": batch.domains[i],
+                "dataset": batch.datasets[i],
+                "response": rollout.texts[row],
+                "reward": float(scored.total[row]),
+                "components": {k: float(v[row]) for k, v in scored.components.items()},
+                "advantage": float(advantages[row]),
+            }
+        )
+    return rows
+
+
+__all__ = ["LossConfig", "PolicyOptimization"]
