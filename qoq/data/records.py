@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qoq.data.domains import DOMAINS
 from qoq.data.errors import DataError
 from qoq.types import PLACEHOLDERS
 
@@ -87,12 +88,13 @@ class Record:
         """Validate one manifest object and build its record.
 
         Checks: the required fields (``id``, ``problem``, ``answer``, ``labels``, ``domain``,
-        ``dataset``) and their types; no unknown fields; the answer labels are a non-empty subset of
-        ``labels`` (matched case-insensitively and rewritten in the label set's spelling); exactly one
-        placeholder in ``problem`` per image / video / ECG item; boxes of four finite numbers with
-        ``x1 <= x2`` and ``y1 <= y2``, and boxes or masks only on records with an image; ``origin`` in
-        ``{"real", "synthetic"}``. Relative paths are resolved against ``base_dir``; whether the files
-        exist is the caller's check (:func:`qoq.data.manifest.read_manifest` does it).
+        ``dataset``) and their types; ``domain`` one of :data:`qoq.data.domains.DOMAINS`; no unknown
+        fields; the answer labels are a non-empty subset of ``labels`` (matched case-insensitively
+        and rewritten in the label set's spelling); exactly one placeholder in ``problem`` per image /
+        video / ECG item; boxes of four finite numbers with ``x1 <= x2`` and ``y1 <= y2``, and boxes
+        or masks only on records with an image; ``origin`` in ``{"real", "synthetic"}``. Relative
+        paths are resolved against ``base_dir``; whether the files exist is the caller's check
+        (:func:`qoq.data.manifest.read_manifest` does it).
 
         ``answer`` may be a list or a string joined by ", " (a label that itself contains ", " is
         recognised when the whole string is in the label set). ``bbox`` may also be one flat box.
@@ -109,14 +111,18 @@ class Record:
             DataError: naming ``where`` and the field at fault.
         """
         if not isinstance(obj, dict):
-            raise DataError("bad_record", f"expected a JSON object, got {type(obj).__name__}", path=where or None)
+            raise DataError(
+                "bad_record", f"expected a JSON object, got {type(obj).__name__}", path=where or None
+            )
 
         def fail(reason: str, fld: str, detail: str) -> DataError:
             return DataError(reason, detail, path=where or None, field=fld)
 
         unknown = sorted(set(obj) - set(cls.__dataclass_fields__))
         if unknown:
-            raise fail("unknown_field", unknown[0], f"unknown field (known: {', '.join(cls.__dataclass_fields__)})")
+            raise fail(
+                "unknown_field", unknown[0], f"unknown field (known: {', '.join(cls.__dataclass_fields__)})"
+            )
         for key in _REQUIRED:
             if obj.get(key) in (None, "", []):
                 raise fail("missing_field", key, "required field is missing or empty")
@@ -125,6 +131,8 @@ class Record:
         if isinstance(rid, bool) or not isinstance(rid, (str, int)):
             raise fail("bad_field", "id", f"expected a string, got {type(rid).__name__}")
         text = {k: _string(obj, k, fail) for k in ("problem", "domain", "dataset")}
+        if text["domain"] not in DOMAINS:
+            raise fail("bad_field", "domain", f"{text['domain']!r} is not one of {list(DOMAINS)}")
 
         labels = _string_list(obj, "labels", fail)
         folded = [lab.casefold() for lab in labels]
@@ -133,7 +141,10 @@ class Record:
         answer = _answer(obj["answer"], labels, fail)
 
         base = Path(base_dir)
-        paths = {k: tuple(_resolve(p, base) for p in _string_list(obj, k, fail, required=False)) for k in PATH_FIELDS}
+        paths = {
+            k: tuple(_resolve(p, base) for p in _string_list(obj, k, fail, required=False))
+            for k in PATH_FIELDS
+        }
         for key, items in paths.items():
             n = text["problem"].count(_PLACEHOLDER_OF[key])
             if n != len(items):
@@ -148,7 +159,9 @@ class Record:
         if seg is not None and (not isinstance(seg, str) or not seg):
             raise fail("bad_field", "segmentation_path", "expected a path string or null")
         if (bbox or seg) and not paths["images"]:
-            raise fail("bad_field", "bbox" if bbox else "segmentation_path", "a region needs an image to refer to")
+            raise fail(
+                "bad_field", "bbox" if bbox else "segmentation_path", "a region needs an image to refer to"
+            )
 
         origin = obj.get("origin", "real")
         if origin not in ORIGINS:
@@ -176,6 +189,20 @@ class Record:
             label_source=label_source,
             source=dict(source),
         )
+
+    def validated(self, where: str = "") -> Record:
+        """This record after the checks of :meth:`from_json` (for records built in code).
+
+        Args:
+            where: location for error messages.
+
+        Returns:
+            An equal record (answer spelling normalised to the label set's).
+
+        Raises:
+            DataError: as :meth:`from_json`.
+        """
+        return Record.from_json(self.to_json(), base_dir=Path.cwd(), where=where)
 
     def files(self) -> list[tuple[str, str]]:
         """Every file the record refers to, as ``(field, path)`` pairs."""
