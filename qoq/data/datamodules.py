@@ -1,0 +1,476 @@
+"""LightningDataModules over clinical records: one per domain, and the multi-domain mixture.
+
+:class:`ClinicalDataModule` reads manifests and/or the embedded demo set, holds out a validation split,
+and serves training batches from a seeded mixture stream:
+
+- **sampling** (:class:`MixtureSampler`): each slot of a batch picks a domain with probability
+  ``p_d`` (``natural``: proportional to its record count n_d; ``balanced``: uniform over domains;
+  ``temperature``: proportional to ``n_d ** (1 / T)``), then a record of that domain uniformly, with
+  replacement. Batch ``b`` of stream epoch ``e`` is a pure function of ``(seed, e, b)``.
+- **exact resume**: the stream is numbered; each :class:`~qoq.types.PromptBatch` carries its
+  ``stream_index`` and :meth:`ClinicalDataModule.on_after_batch_transfer` (called when the trainer
+  takes the batch, not when a worker prefetches it) records it. :meth:`~ClinicalDataModule.state_dict`
+  (saved in Lightning checkpoints) holds the next index, so a resumed run continues with exactly the
+  batch that would have come next. The stream's epochs are its own (``steps_per_epoch`` batches each)
+  and need not line up with the trainer's when ``limit_train_batches`` cuts an epoch short.
+- **domain ids**: ``domain_vocab`` is always the full :data:`~qoq.data.domains.DOMAINS` tuple, so a
+  domain has the same id in every run, manifest and checkpoint (DRPO's statistics are keyed by it).
+
+Validation and test both iterate the held-out split in order. The per-domain modules
+(:class:`ChestXrayDataModule`, ...) are the same module with the domain filter fixed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from qoq.data.dataset import ClinicalDataset, collate
+from qoq.data.domains import DOMAINS, check_domain
+from qoq.data.errors import SkipCounter
+from qoq.data.loaders import ECGSpec
+from qoq.data.manifest import read_manifest
+from qoq.data.records import Record
+from qoq.types import PromptBatch
+
+SamplerMode = Literal["natural", "balanced", "temperature"]
+
+
+def default_demo_dir() -> Path:
+    """``$QOQ_CACHE/demo``, with ``QOQ_CACHE`` defaulting to ``~/.cache/qoq``."""
+    return Path(os.environ.get("QOQ_CACHE", "~/.cache/qoq")).expanduser() / "demo"
+
+
+def _id_hash(record_id: str) -> int:
+    return int.from_bytes(hashlib.sha1(record_id.encode("utf-8")).digest()[:8], "big")
+
+
+def split_records(records: Sequence[Record], val_fraction: float) -> tuple[list[Record], list[Record]]:
+    """Hold out ``val_fraction`` of each domain's records, chosen by the hash of their ids.
+
+    Deterministic and independent of record order and seed. A domain with n >= 2 records gives
+    ``clip(round(n * val_fraction), 1, n - 1)`` of them to validation (when ``val_fraction > 0``), so
+    every such domain appears on both sides; a single record stays in training.
+
+    Args:
+        records: all records.
+        val_fraction: share held out per domain, in ``[0, 1)``.
+
+    Returns:
+        ``(train, val)``, each in the input order.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    by_domain: dict[str, list[Record]] = {}
+    for record in records:
+        by_domain.setdefault(record.domain, []).append(record)
+    held: set[str] = set()
+    for group in by_domain.values():
+        n = len(group)
+        if val_fraction == 0.0 or n < 2:
+            continue
+        k = min(n - 1, max(1, round(n * val_fraction)))
+        held.update(r.id for r in sorted(group, key=lambda r: (_id_hash(r.id), r.id))[:k])
+    return [r for r in records if r.id not in held], [r for r in records if r.id in held]
+
+
+class MixtureSampler:
+    """Seeded training batches mixed across domains.
+
+    Args:
+        domains: the domain of each training record (index i -> record i).
+        batch_size: records per batch on this process.
+        mode: ``natural`` (p_d proportional to n_d), ``balanced`` (uniform over domains) or
+            ``temperature`` (p_d proportional to n_d ** (1 / temperature)).
+        temperature: T of the ``temperature`` mode (1 = natural, large = balanced).
+        seed: the seed; batch b of epoch e depends on ``(seed, e, b)`` only.
+        rank: this process's index in data-parallel training.
+        world_size: number of data-parallel processes; each draws the same global batch of
+            ``batch_size * world_size`` records and takes its slice.
+    """
+
+    def __init__(
+        self,
+        domains: Sequence[str],
+        batch_size: int,
+        mode: SamplerMode = "natural",
+        temperature: float = 2.0,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if not domains:
+            raise ValueError("MixtureSampler needs at least one record")
+        if batch_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"bad batch_size / rank / world_size: {batch_size}, {rank}, {world_size}")
+        if mode not in ("natural", "balanced", "temperature"):
+            raise ValueError(f"sampler must be 'natural', 'balanced' or 'temperature', got {mode!r}")
+        if mode == "temperature" and temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.names = sorted(
+            set(domains), key=lambda d: (DOMAINS.index(d) if d in DOMAINS else len(DOMAINS), d)
+        )
+        self.members = [
+            np.flatnonzero(np.asarray(domains) == d) for d in self.names
+        ]  # per domain: record indices
+        counts = np.array([len(m) for m in self.members], dtype=np.float64)
+        if mode == "natural":
+            weights = counts
+        elif mode == "balanced":
+            weights = np.ones_like(counts)
+        else:
+            weights = counts ** (1.0 / temperature)
+        self.probs = weights / weights.sum()  # [D]
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """Domain -> sampling probability."""
+        return {d: float(p) for d, p in zip(self.names, self.probs)}
+
+    def batch(self, epoch: int, index: int) -> list[int]:
+        """Record indices of batch ``index`` of ``epoch`` on this process (a pure function)."""
+        rng = np.random.default_rng([self.seed, epoch, index])
+        n = self.batch_size * self.world_size
+        picks = rng.choice(len(self.names), size=n, p=self.probs)  # [n] domain of each slot
+        within = rng.random(n)  # [n] uniform position inside the domain
+        records = [int(self.members[d][int(u * len(self.members[d]))]) for d, u in zip(picks, within)]
+        return records[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+
+
+@dataclass
+class _Position:
+    """Next stream index to hand out (shared by the module and its training stream)."""
+
+    next: int = 0
+
+
+class _BatchStream(IterableDataset):
+    """Collated training batches from the stream position to the end of its epoch.
+
+    Worker w of W produces the batches b with ``(b - first) % W == w``; the DataLoader interleaves
+    workers round-robin, so batches arrive in stream order.
+    """
+
+    def __init__(
+        self,
+        dataset: ClinicalDataset,
+        sampler: MixtureSampler,
+        steps: int,
+        position: _Position,
+        domain_vocab: Sequence[str],
+    ) -> None:
+        self.dataset, self.sampler, self.steps = dataset, sampler, steps
+        self.position, self.domain_vocab = position, tuple(domain_vocab)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[PromptBatch]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        epoch, first = divmod(self.position.next, self.steps)
+        for b in range(first, self.steps):
+            if (b - first) % workers != worker:
+                continue
+            stream_index = epoch * self.steps + b
+            samples = [self.dataset[i] for i in self.sampler.batch(epoch, b)]
+            for sample in samples:
+                if sample is not None:
+                    sample.stream_index = stream_index
+            yield collate(samples, self.domain_vocab)
+
+
+def _as_is(batch: PromptBatch) -> PromptBatch:
+    return batch
+
+
+class ClinicalDataModule(L.LightningDataModule):
+    """Clinical records from manifests and/or the embedded demo set, mixed across domains.
+
+    Args:
+        manifests: JSONL manifests to read (paths inside them are relative to each manifest), or None.
+        demo: also read the embedded demo set, built (or reused) in ``demo_dir``.
+        demo_dir: where the demo set lives; None means ``$QOQ_CACHE/demo`` (``~/.cache/qoq/demo``).
+        real_only: drop synthetic records.
+        domains: keep only these clinical domains (None: all of them).
+        batch_size: prompts per training batch (per process).
+        val_batch_size: prompts per validation / test batch.
+        image_size: side of the square images and video frames, in pixels.
+        num_frames: frames sampled from each video / 3-D volume.
+        ecg_spec: leads, sampling rate and duration of ECG items.
+        skip_invalid: skip and count bad manifest lines and unreadable files instead of failing.
+        val_fraction: share of each domain's records held out (chosen by record-id hash) for
+            validation and test.
+        sampler: how training batches mix domains: ``natural``, ``balanced`` or ``temperature``.
+        temperature: T of the ``temperature`` sampler (p_d proportional to n_d ** (1 / T)).
+        steps_per_epoch: training batches per stream epoch; None means ceil(train records / batch_size).
+        seed: seed of the training stream (batch b of epoch e depends on seed, e and b only).
+        num_workers: DataLoader worker processes.
+    """
+
+    def __init__(
+        self,
+        manifests: list[str] | None = None,
+        demo: bool = False,
+        demo_dir: str | None = None,
+        real_only: bool = False,
+        domains: list[str] | None = None,
+        batch_size: int = 8,
+        val_batch_size: int = 16,
+        image_size: int = 64,
+        num_frames: int = 4,
+        ecg_spec: ECGSpec = ECGSpec(),  # noqa: B008 - frozen, safe to share
+        skip_invalid: bool = False,
+        val_fraction: float = 0.1,
+        sampler: SamplerMode = "natural",
+        temperature: float = 2.0,
+        steps_per_epoch: int | None = None,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if not manifests and not demo:
+            raise ValueError("give manifests, or demo=True for the embedded demo set")
+        self.manifests = [str(m) for m in manifests or []]
+        self.demo, self.demo_dir, self.real_only = demo, demo_dir, real_only
+        self.domains = [check_domain(d) for d in domains] if domains else None
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size
+        self.image_size, self.num_frames, self.ecg_spec = image_size, num_frames, ecg_spec
+        self.skip_invalid, self.val_fraction = skip_invalid, val_fraction
+        self.sampler_mode, self.temperature = sampler, temperature
+        self.steps_per_epoch, self.seed, self.num_workers = steps_per_epoch, seed, num_workers
+        #: Domain vocabulary of ``PromptBatch.domain_ids``: always all of DOMAINS (stable ids).
+        self.domain_vocab: list[str] = list(DOMAINS)
+        #: Dataset names present (sorted), filled by :meth:`setup`.
+        self.dataset_vocab: list[str] = []
+        self.skip_counter = SkipCounter()
+        self.train_records: list[Record] = []
+        self.val_records: list[Record] = []
+        self._position = _Position()
+
+    # ------------------------------------------------------------------------------------- setup
+    def _demo_manifest(self, quiet: bool) -> str:
+        from qoq.data.demo import build_demo
+
+        demo_dir = Path(self.demo_dir).expanduser() if self.demo_dir else default_demo_dir()
+        return str(build_demo(demo_dir, real_only=self.real_only, quiet=quiet))
+
+    def prepare_data(self) -> None:
+        """Build the demo set (once per machine, before :meth:`setup`) and print its summary."""
+        if self.demo:
+            self._demo_manifest(quiet=False)
+
+    def _read_records(self) -> list[Record]:
+        sources = list(self.manifests)
+        if self.demo:  # built by prepare_data, or now when setup is called alone
+            sources.append(self._demo_manifest(quiet=True))
+        records: list[Record] = []
+        first_seen: dict[str, str] = {}
+        for manifest in sources:
+            for record in read_manifest(manifest, skip_invalid=self.skip_invalid, counter=self.skip_counter):
+                if record.id in first_seen:
+                    raise ValueError(
+                        f"record id {record.id!r} appears in {first_seen[record.id]} and {manifest}"
+                    )
+                first_seen[record.id] = manifest
+                records.append(record)
+        kept = [
+            r
+            for r in records
+            if (self.domains is None or r.domain in self.domains)
+            and (not self.real_only or r.origin == "real")
+        ]
+        if not kept:
+            raise ValueError(
+                f"no records left of {len(records)} after filtering (domains={self.domains}, "
+                f"real_only={self.real_only}) in {sources}"
+            )
+        return kept
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read the records and split off the held-out records (once); print the domain mix."""
+        if self.train_records:
+            return
+        records = self._read_records()
+        self.train_records, self.val_records = split_records(records, self.val_fraction)
+        self.dataset_vocab = sorted({r.dataset for r in records})
+        counts = Counter(r.domain for r in self.train_records)
+        mix = ", ".join(f"{d} {counts[d]} ({p:.2f})" for d, p in self.sampler().weights.items())
+        rank_zero_info(
+            f"qoq data: {len(self.train_records)} train / {len(self.val_records)} held-out records; "
+            f"{self.sampler_mode} mix, domain records (probability): {mix}"
+        )
+
+    def sampler(self) -> MixtureSampler:
+        """The training-batch sampler, for this process's rank when a trainer is attached."""
+        rank, world = (
+            (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        )
+        return MixtureSampler(
+            [r.domain for r in self.train_records],
+            self.batch_size,
+            self.sampler_mode,
+            self.temperature,
+            self.seed,
+            rank,
+            world,
+        )
+
+    @property
+    def steps(self) -> int:
+        """Training batches per stream epoch."""
+        if self.steps_per_epoch is not None:
+            return self.steps_per_epoch
+        return max(1, math.ceil(len(self.train_records) / self.batch_size))
+
+    def _dataset(self, records: list[Record]) -> ClinicalDataset:
+        return ClinicalDataset(
+            records, self.image_size, self.num_frames, self.ecg_spec, self.skip_invalid, self.skip_counter
+        )
+
+    # ------------------------------------------------------------------------------- dataloaders
+    def train_dataloader(self) -> DataLoader:
+        """The training stream, from the current position to the end of its epoch."""
+        self.setup("fit")
+        stream = _BatchStream(
+            self._dataset(self.train_records), self.sampler(), self.steps, self._position, self.domain_vocab
+        )
+        return DataLoader(stream, batch_size=None, collate_fn=_as_is, num_workers=self.num_workers)
+
+    def _held_out(self) -> DataLoader:
+        self.setup()
+        if not self.val_records:
+            raise ValueError("no held-out records: raise val_fraction or add records (a domain needs >= 2)")
+        return DataLoader(
+            self._dataset(self.val_records),
+            batch_size=self.val_batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=partial(collate, domain_vocab=self.domain_vocab),
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        """The held-out split, in order."""
+        return self._held_out()
+
+    def test_dataloader(self) -> DataLoader:
+        """The held-out split, in order (the same records as validation)."""
+        return self._held_out()
+
+    # ------------------------------------------------------------------------------------ resume
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Record that the trainer took a training batch (its stream index), for exact resume."""
+        if isinstance(batch, PromptBatch) and batch.stream_index >= 0:
+            self._position.next = batch.stream_index + 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stream position (next batch index) and the settings the stream depends on."""
+        return {"next_batch": self._position.next, **self._stream_settings()}
+
+    def _stream_settings(self) -> dict[str, Any]:
+        steps = self.steps if self.train_records else self.steps_per_epoch
+        return {
+            "seed": self.seed,
+            "sampler": self.sampler_mode,
+            "batch_size": self.batch_size,
+            "steps_per_epoch": steps,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue the stream where the saved run stopped.
+
+        Args:
+            state_dict: what :meth:`state_dict` returned.
+
+        Raises:
+            ValueError: if the saved stream settings differ from this module's (the stream would differ).
+        """
+        for key, mine in self._stream_settings().items():
+            saved = state_dict.get(key)
+            if mine is not None and saved is not None and saved != mine:
+                raise ValueError(f"the checkpoint's data stream used {key}={saved!r}, this run has {mine!r}")
+        self._position.next = int(state_dict["next_batch"])
+
+
+class MultiDomainDataModule(ClinicalDataModule):
+    """All clinical domains mixed (the paper's setting); a :class:`ClinicalDataModule` without a domain filter.
+
+    Use ``sampler: temperature`` or ``balanced`` to raise rare domains' share of the batches.
+    """
+
+
+class ChestXrayDataModule(ClinicalDataModule):
+    """Chest X-ray records only (domain ``chest_xray``); the arguments are :class:`ClinicalDataModule`'s."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(domains=["chest_xray"], **kwargs)
+
+
+class MammographyDataModule(ClinicalDataModule):
+    """Mammography records only (domain ``mammography``); the arguments are :class:`ClinicalDataModule`'s."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(domains=["mammography"], **kwargs)
+
+
+class DermoscopyDataModule(ClinicalDataModule):
+    """Dermoscopy records only (domain ``dermoscopy``); the arguments are :class:`ClinicalDataModule`'s."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(domains=["dermoscopy"], **kwargs)
+
+
+class CTDataModule(ClinicalDataModule):
+    """CT records only (domain ``ct``); the arguments are :class:`ClinicalDataModule`'s."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(domains=["ct"], **kwargs)
+
+
+class FundusDataModule(ClinicalDataModule):
+    """Fundus photography records only (domain ``fundus``); the arguments are :class:`ClinicalDataModule`'s."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(domains=["fundus"], **kwargs)
+
+
+class UltrasoundDataModule(ClinicalDataModule):
+    """Ultrasound records only (domain ``ultrasound``); the arguments are :class:`ClinicalDataModule`'s."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(domains=["ultrasound"], **kwargs)
+
+
+class MRIDataModule(ClinicalDataModule):
+    """MRI records only (domain ``mri``); the arguments are :class:`ClinicalDataModule`'s."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(domains=["mri"], **kwargs)
+
+
+class PathologyDataModule(ClinicalDataModule):
+    """Pathology records only (domain ``pathology``); the arguments are :class:`ClinicalDataModule`'s."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(domains=["pathology"], **kwargs)
+
+
+class ECGDataModule(ClinicalDataModule):
+    """ECG records only (domain ``ecg``); the arguments are :class:`ClinicalDataModule`'s."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(domains=["ecg"], **kwargs)
