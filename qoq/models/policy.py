@@ -1,0 +1,578 @@
+"""The policy: an HF causal LM that reads text with modality tokens spliced in at the placeholders.
+
+A prompt is chat-formatted (system + user turn, then the assistant header), split at ``<image>``,
+``<video>`` and ``<ecg>``, and embedded piece by piece: text pieces through the LM's input embeddings, each
+placeholder replaced by its item's tokens (encoder -> :class:`~qoq.models.FusionProjector`). The result,
+one ``[L_i, H]`` tensor per prompt, is all a rollout engine needs (HF ``generate(inputs_embeds=...)`` or vLLM
+with ``enable_prompt_embeds``), so no custom multimodal model class is required anywhere.
+
+The policy's own training stage is SFT on ``batch.references`` (the paper's SFT baseline). For RL,
+:class:`~qoq.systems.PolicyOptimization` composes it and calls :meth:`Policy.prompt_embeds`,
+:meth:`Policy.response_logprobs`, :meth:`Policy.reference_mode` and :meth:`Policy.lm_weights_for_sync`.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
+
+from qoq.models.builders import LMBuilder, TinyLM
+from qoq.models.encoders import ECGEncoder, ModalityEncoder, VisionEncoder, VolumeEncoder
+from qoq.models.projector import FusionProjector
+from qoq.types import PLACEHOLDERS, PromptBatch
+
+#: The response contract of QoQ-Med (see docs: rewards): reasoning, salient regions as JSON, boxed answer.
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a clinical assistant. Answer the question about the given images, volumes and ECGs. "
+    "First reason inside <think> </think>. Then list the salient regions as a ```json block "
+    '[{"bbox_2d": [x1, y1, x2, y2], "label": "..."}] in pixels of the image you saw ([] when none). '
+    "Finally give the answer inside \\boxed{}, several labels separated by commas."
+)
+
+_PLACEHOLDER_RE = re.compile("|".join(re.escape(p) for p in PLACEHOLDERS.values()))
+_KIND_OF = {placeholder: kind for kind, placeholder in PLACEHOLDERS.items()}
+_ALIASES = {"lm": "language_model"}
+
+
+class Policy(L.LightningModule):
+    """A causal LM with modality encoders and a fusion projector; its own stage is SFT.
+
+    Heavy construction (weights, quantization, LoRA wrapping, freezing) happens in :meth:`configure_model`,
+    which the Trainer calls; outside a Trainer call :meth:`build` (both idempotent).
+
+    Args:
+        lm: builder of the language model and tokenizer (e.g. ``TinyLM``, ``PretrainedLM``).
+        encoders: modality kind ("image", "video", "ecg") -> encoder returning ``[M, T, D]`` tokens (a
+            :class:`~qoq.models.VisionEncoder` can wrap any existing vision tower).
+        projector: maps encoder tokens to the LM's hidden size; required when there are encoders.
+        lora: peft ``LoraConfig`` arguments (``r``, ``alpha``, ``dropout``, ``target_modules``, ... ;
+            ``alpha``/``dropout`` stand for ``lora_alpha``/``lora_dropout``); None trains the full LM.
+        quantization: load the LM in "8bit" or "4bit" (bitsandbytes); its base weights are then frozen, so
+            combine it with ``lora`` (QLoRA) or train only encoders/projector.
+        freeze: submodules to freeze: "lm", "encoders", "encoders.<kind>", "projector".
+        system_prompt: the system turn of every prompt (None: no system turn).
+        lr: AdamW learning rate (SFT stage).
+        weight_decay: AdamW weight decay on matrices (biases, norms and embeddings' 1-D params excluded).
+        max_prompt_tokens: longest allowed prompt in embeddings (text + modality tokens); longer prompts
+            raise.
+    """
+
+    def __init__(
+        self,
+        lm: LMBuilder,
+        encoders: dict[str, ModalityEncoder] | None = None,
+        projector: FusionProjector | None = None,
+        lora: dict[str, Any] | None = None,
+        quantization: Literal["8bit", "4bit"] | None = None,
+        freeze: Sequence[str] = (),
+        system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+        lr: float = 1e-5,
+        weight_decay: float = 0.0,
+        max_prompt_tokens: int | None = None,
+    ) -> None:
+        super().__init__()
+        encoders = dict(encoders or {})
+        unknown = set(encoders) - set(PLACEHOLDERS)
+        if unknown:
+            raise ValueError(
+                f"Policy: encoder kinds {sorted(unknown)} are not modality kinds {list(PLACEHOLDERS)}"
+            )
+        if encoders and projector is None:
+            raise ValueError("Policy: encoders need a `projector` to reach the LM's embedding space")
+        for kind, encoder in encoders.items():
+            if projector is not None and kind not in projector.in_dims:
+                raise ValueError(f"Policy: the projector has no projection for the {kind!r} encoder")
+            out_dim = getattr(encoder, "out_dim", None)
+            if projector is not None and out_dim is not None and out_dim != projector.in_dims[kind]:
+                raise ValueError(
+                    f"Policy: {kind!r} encoder gives {out_dim}-dim tokens, "
+                    f"projector expects {projector.in_dims[kind]}"
+                )
+        if quantization not in (None, "8bit", "4bit"):
+            raise ValueError(f"Policy: quantization={quantization!r}; use None, '8bit' or '4bit'")
+        self.lm_builder = lm
+        self.encoders = nn.ModuleDict(encoders)
+        self.projector = projector
+        self.lora = dict(lora) if lora else None
+        self.quantization = quantization
+        self.freeze = tuple(freeze)
+        self.system_prompt = system_prompt
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.max_prompt_tokens = max_prompt_tokens
+        self.language_model: nn.Module | None = None
+        self._tokenizer: Any = None
+
+    @classmethod
+    def tiny(cls, **kwargs: Any) -> Policy:
+        """A complete tiny multimodal policy (see :func:`tiny_policy`) for tests and demos."""
+        return tiny_policy(**kwargs)
+
+    # ----- construction ----------------------------------------------------------------------------------
+
+    def configure_model(self) -> None:
+        """Build the LM and tokenizer, quantize, wrap with LoRA, load encoder weights, apply ``freeze``."""
+        if self.language_model is not None:
+            return
+        from transformers import BitsAndBytesConfig
+
+        if self.quantization is None:
+            model, tokenizer = self.lm_builder.build()
+        else:
+            bits = {"load_in_8bit": True} if self.quantization == "8bit" else {"load_in_4bit": True}
+            model, tokenizer = self.lm_builder.build(quantization_config=BitsAndBytesConfig(**bits))
+            model.requires_grad_(False)  # quantized base weights are not trainable
+        if self.lora is not None:
+            from peft import LoraConfig, get_peft_model
+
+            kwargs = dict(self.lora)
+            for short, name in (("alpha", "lora_alpha"), ("dropout", "lora_dropout")):
+                if short in kwargs:
+                    kwargs[name] = kwargs.pop(short)
+            model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **kwargs))
+        self.language_model = model
+        self._tokenizer = tokenizer
+        if self.projector is not None and self.projector.hidden_size != self.hidden_size:
+            raise ValueError(
+                f"Policy: projector.hidden_size={self.projector.hidden_size} "
+                f"but the LM's is {self.hidden_size}"
+            )
+        for encoder in self.encoders.values():
+            if hasattr(encoder, "configure_model"):
+                encoder.configure_model()
+        self._apply_freeze()
+        self.train(self.training)
+
+    def build(self) -> Policy:
+        """Construct the model outside a Trainer (same as :meth:`configure_model`); returns ``self``."""
+        self.configure_model()
+        return self
+
+    def _submodule(self, name: str) -> nn.Module | None:
+        try:
+            return self.get_submodule(_ALIASES.get(name, name))
+        except AttributeError:
+            return None
+
+    def _apply_freeze(self) -> None:
+        for name in self.freeze:
+            module = self._submodule(name)
+            if module is None:
+                raise ValueError(
+                    f"Policy.freeze: no submodule {name!r} "
+                    "(use 'lm', 'encoders', 'encoders.<kind>', 'projector')"
+                )
+            module.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> Policy:
+        """Switch mode; submodules named in ``freeze`` always stay in eval mode."""
+        super().train(mode)
+        for name in self.freeze:
+            module = self._submodule(name)
+            if module is not None:
+                module.eval()
+        return self
+
+    def _built(self) -> nn.Module:
+        if self.language_model is None:
+            raise RuntimeError("Policy is not built yet: call configure_model() or build() first")
+        return self.language_model
+
+    @property
+    def lm(self) -> nn.Module:
+        """The HF causal LM (a peft model when LoRA is on)."""
+        return self._built()
+
+    @property
+    def tokenizer(self) -> Any:
+        """The LM's tokenizer."""
+        self._built()
+        return self._tokenizer
+
+    @property
+    def hidden_size(self) -> int:
+        """The LM's hidden size (= prompt embedding width)."""
+        return self.base_model.config.get_text_config().hidden_size
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The HF ``PreTrainedModel`` itself (under LoRA: with the adapter layers injected)."""
+        model = self._built()
+        return model.get_base_model() if self.lora is not None else model
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """Token ids that end a response: ``<|im_end|>``, the tokenizer's EOS and the generation config's."""
+        tok = self.tokenizer
+        ids = {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
+        gen = getattr(self.base_model, "generation_config", None)
+        eos = getattr(gen, "eos_token_id", None)
+        ids |= set(eos) if isinstance(eos, (list, tuple)) else {eos}
+        unk = tok.unk_token_id
+        return sorted(i for i in ids if isinstance(i, int) and i != unk)
+
+    @property
+    def suppress_token_ids(self) -> list[int]:
+        """Token ids an engine must never sample.
+
+        Every special token that is not an EOS (``<|im_start|>``, Qwen's ``<|image_pad|>`` /
+        ``<|vision_start|>`` / ...: a sampled multimodal pad token breaks the next forward), plus embedding
+        rows the tokenizer cannot decode (Qwen pads its embedding table beyond the vocabulary).
+        """
+        tok = self.tokenizer
+        special = set(tok.all_special_ids)
+        special |= {i for i, t in tok.added_tokens_decoder.items() if getattr(t, "special", False)}
+        rows = self.base_model.get_input_embeddings().weight.shape[0]
+        return sorted((special - set(self.eos_token_ids)) | set(range(len(tok), rows)))
+
+    @property
+    def stop_token_id(self) -> int:
+        """The token that closes an assistant turn (``<|im_end|>``, else EOS); SFT targets end with it."""
+        tok = self.tokenizer
+        im_end = tok.convert_tokens_to_ids("<|im_end|>")
+        return im_end if isinstance(im_end, int) and im_end != tok.unk_token_id else tok.eos_token_id
+
+    # ----- prompts ---------------------------------------------------------------------------------------
+
+    def chat_texts(self, texts: Sequence[str]) -> list[str]:
+        """Chat-format user messages: system turn (if any), user turn, assistant header."""
+        out = []
+        for text in texts:
+            messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+            messages.append({"role": "user", "content": text})
+            out.append(
+                self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            )
+        return out
+
+    @property
+    def lm_device(self) -> torch.device:
+        """Where the LM's input embeddings live (token ids are created there)."""
+        return self.lm.get_input_embeddings().weight.device
+
+    def embed_ids(self, ids: Tensor) -> Tensor:
+        """The LM's input embeddings of token ids ``[...] -> [..., H]``."""
+        return self.lm.get_input_embeddings()(ids)
+
+    def _projected_items(self, batch: PromptBatch) -> dict[str, Tensor]:
+        """kind -> projected tokens ``[M, T', H]`` of that kind's items."""
+        out = {}
+        for kind, items in batch.modalities.items():
+            if len(items.values) == 0:
+                continue
+            if kind not in self.encoders:
+                raise ValueError(
+                    f"batch has {len(items.values)} {kind!r} item(s) "
+                    f"(records {_ids_of(batch, items.owner)}) but "
+                    f"the policy has no {kind!r} encoder (it has {sorted(self.encoders) or 'none'})"
+                )
+            out[kind] = self.projector(kind, self.encoders[kind](items.values))
+        return out
+
+    def prompt_embeds(self, batch: PromptBatch) -> list[Tensor]:
+        """Embed each prompt with its modality items spliced in at the placeholders.
+
+        Args:
+            batch: P prompts; the j-th placeholder of kind k in prompt p takes the j-th item of kind k whose
+                owner is p.
+
+        Returns:
+            P tensors ``[L_i, H]`` (LM embedding dtype); gradients reach trainable encoders and projector.
+
+        Raises:
+            ValueError: a prompt's placeholders and items do not match, items of a kind have no encoder, or
+                a prompt exceeds ``max_prompt_tokens``.
+        """
+        tok = self.tokenizer
+        projected = self._projected_items(batch)
+        items_of: dict[str, list[list[int]]] = {k: [[] for _ in range(len(batch))] for k in PLACEHOLDERS}
+        for kind, items in batch.modalities.items():
+            for m, p in enumerate(items.owner.tolist()):
+                if not 0 <= p < len(batch):
+                    raise ValueError(
+                        f"{kind!r} item {m} has owner {p} outside the batch of {len(batch)} prompts"
+                    )
+                items_of.setdefault(kind, [[] for _ in range(len(batch))])[p].append(m)
+
+        texts = self.chat_texts(batch.texts)
+        pieces = [_PLACEHOLDER_RE.split(text) for text in texts]  # P x (n_placeholders + 1) strings
+        flat = [piece for row in pieces for piece in row]
+        ids = tok(flat, add_special_tokens=False)["input_ids"]
+        lengths = [len(x) for x in ids]
+        table = self.embed_ids(
+            torch.tensor([i for x in ids for i in x], dtype=torch.long, device=self.lm_device)
+        )
+        text_embeds = list(table.split(lengths))  # one [len, H] per piece
+
+        out = []
+        for p, text in enumerate(texts):
+            placeholders = _PLACEHOLDER_RE.findall(text)
+            for kind, placeholder in PLACEHOLDERS.items():
+                have, want = len(items_of[kind][p]), placeholders.count(placeholder)
+                if have != want:
+                    raise ValueError(
+                        f"prompt {batch.ids[p]!r}: {want} {placeholder} placeholder(s) "
+                        f"but {have} {kind!r} item(s)"
+                    )
+            taken = {kind: iter(items_of[kind][p]) for kind in PLACEHOLDERS}
+            parts = [text_embeds.pop(0)]
+            for placeholder in placeholders:
+                kind = _KIND_OF[placeholder]
+                parts.append(projected[kind][next(taken[kind])].to(table.dtype))
+                parts.append(text_embeds.pop(0))
+            embeds = torch.cat(parts)  # [L_p, H]
+            if self.max_prompt_tokens is not None and len(embeds) > self.max_prompt_tokens:
+                raise ValueError(
+                    f"prompt {batch.ids[p]!r}: {len(embeds)} embeddings "
+                    f"> max_prompt_tokens={self.max_prompt_tokens}"
+                )
+            out.append(embeds)
+        return out
+
+    # ----- log-probabilities -----------------------------------------------------------------------------
+
+    def response_logprobs(
+        self,
+        prompt_embeds: Sequence[Tensor],
+        response_ids: Tensor,
+        response_mask: Tensor,
+        prompt_index: Tensor,
+        *,
+        temperature: float = 1.0,
+        with_entropy: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Per-token log-probabilities of responses given their prompts, in one batched forward.
+
+        Row n is ``[prompt_embeds[prompt_index[n]] ; embed(response_ids[n])]``, right-padded. Because every
+        row starts at position 0 and all padding comes after its real tokens, causal attention alone is exact
+        (no attention mask: padding never influences a real position). Only the logits at the response
+        positions are computed (``logits_to_keep``).
+
+        Args:
+            prompt_embeds: P prompt embeddings ``[L_i, H]``.
+            response_ids: ``[N, R]`` long, right-padded.
+            response_mask: ``[N, R]`` bool, True on real response tokens.
+            prompt_index: ``[N]`` long, the prompt of each response.
+            temperature: logits are divided by it before the softmax (as the sampler did).
+            with_entropy: also return the entropy of each position's distribution.
+
+        Returns:
+            ``logp [N, R]`` float32 (``log_softmax(logits / temperature)`` at the response tokens), and
+            ``entropy [N, R]`` float32 or None; both 0 where ``response_mask`` is False.
+        """
+        n, r = response_ids.shape
+        index = prompt_index.tolist()
+        lengths = torch.tensor([prompt_embeds[i].shape[0] for i in index], device=response_ids.device)  # [N]
+        response_embeds = self.embed_ids(response_ids)  # [N, R, H]
+        rows = [
+            torch.cat([prompt_embeds[i].to(response_embeds.dtype), response_embeds[k]])
+            for k, i in enumerate(index)
+        ]
+        inputs = pad_sequence(rows, batch_first=True)  # [N, max L + R, H]
+        lo, hi = int(lengths.min()), int(lengths.max())
+        keep = torch.arange(lo - 1, hi + r - 1, device=inputs.device)  # positions predicting a response token
+        logits = self.lm(inputs_embeds=inputs, logits_to_keep=keep, use_cache=False).logits  # [N, K, V]
+        offsets = (lengths - lo)[:, None] + torch.arange(r, device=inputs.device)  # [N, R]
+        logits = logits.gather(1, offsets[..., None].expand(-1, -1, logits.shape[-1]))  # [N, R, V]
+        logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)  # [N, R, V]
+        mask = response_mask.bool()
+        logp = logprobs.gather(-1, response_ids[..., None]).squeeze(-1).masked_fill(~mask, 0.0)  # [N, R]
+        entropy = None
+        if with_entropy:
+            entropy = -(logprobs.exp() * logprobs).sum(-1).masked_fill(~mask, 0.0)  # [N, R]
+        return logp, entropy
+
+    # ----- reference policy ------------------------------------------------------------------------------
+
+    @contextmanager
+    def reference_mode(self) -> Iterator[Policy]:
+        """Compute the reference policy inside this block: the LM with its LoRA adapters disabled.
+
+        Only the LM changes: prompt embeddings come from the caller, so with trainable encoders or projector
+        compute reference prompt embeddings from a :meth:`frozen_copy` instead.
+
+        Raises:
+            RuntimeError: without LoRA the reference needs a separate frozen copy (:meth:`frozen_copy`).
+        """
+        if self.lora is None:
+            raise RuntimeError(
+                "Policy.reference_mode needs LoRA; without it keep a reference via frozen_copy()"
+            )
+        with self.lm.disable_adapter():
+            yield self
+
+    def frozen_copy(self) -> Policy:
+        """A deep copy in eval mode with every parameter frozen, sharing no tensor with this policy."""
+        memo: dict[int, Any] = {}
+        for attr in ("_trainer", "_fabric"):
+            obj = getattr(self, attr, None)
+            if obj is not None:
+                memo[id(obj)] = None  # do not copy the Trainer along
+        twin = copy.deepcopy(self, memo)
+        twin.requires_grad_(False)
+        return twin.eval()
+
+    # ----- weights for inference engines ------------------------------------------------------------------
+
+    def lm_weights_for_sync(self) -> Iterator[tuple[str, Tensor]]:
+        """The LM's full weights under their HF names, for an inference engine (vLLM ``reload_weights``).
+
+        With LoRA, each adapted weight is yielded merged (``W + B A * scale``, computed aside: the module is
+        never merged in place); adapter tensors are left out and peft's name parts stripped. Tied weights
+        appear under both names (``lm_head.weight`` too).
+
+        Raises:
+            NotImplementedError: for a quantized LM.
+        """
+        if self.quantization is not None:
+            raise NotImplementedError(
+                "lm_weights_for_sync: a quantized LM cannot be synced; use the HF engine"
+            )
+        base = self.base_model
+        deltas: dict[str, Tensor] = {}
+        if self.lora is not None:
+            from peft.tuners.lora import LoraLayer
+
+            for name, module in base.named_modules():
+                if isinstance(module, LoraLayer) and not module.merged and not module.disable_adapters:
+                    if any(module.use_dora.get(a, False) for a in module.active_adapters):
+                        raise NotImplementedError("lm_weights_for_sync: DoRA adapters are not supported")
+                    delta = sum(
+                        module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A
+                    )
+                    if isinstance(delta, Tensor):
+                        deltas[f"{name}.weight"] = delta
+        for name, tensor in base.state_dict(keep_vars=False).items():
+            if "lora_" in name:
+                continue
+            name = name.replace(".base_layer.", ".")
+            tensor = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # FSDP2 DTensor
+            if name in deltas:
+                tensor = tensor + deltas[name].to(tensor.dtype)
+            yield name, tensor.detach()
+
+    def save_lm(self, directory: str | Path) -> Path:
+        """Save the LM (LoRA merged) and tokenizer as an HF folder that transformers and vLLM load.
+
+        Args:
+            directory: target folder (created).
+
+        Returns:
+            The folder.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = dict(self.lm_weights_for_sync())
+        base = self.base_model
+        base.save_pretrained(directory, state_dict=state)
+        self.tokenizer.save_pretrained(directory)
+        return directory
+
+    # ----- SFT stage -------------------------------------------------------------------------------------
+
+    def sft_loss(self, batch: PromptBatch) -> Tensor:
+        """Mean token cross-entropy of ``batch.references`` (each + the stop token) after the prompt."""
+        if batch.references is None:
+            raise ValueError(f"SFT needs batch.references (records {batch.ids[:3]}...)")
+        tok = self.tokenizer
+        targets = [
+            ids + [self.stop_token_id]
+            for ids in tok(list(batch.references), add_special_tokens=False)["input_ids"]
+        ]
+        response_ids = pad_sequence(
+            [torch.tensor(t) for t in targets], batch_first=True, padding_value=tok.pad_token_id
+        ).to(self.lm_device)  # [P, R]
+        mask = pad_sequence([torch.ones(len(t), dtype=torch.bool) for t in targets], batch_first=True)
+        mask = mask.to(self.lm_device)  # [P, R]
+        embeds = self.prompt_embeds(batch)
+        logp, _ = self.response_logprobs(
+            embeds, response_ids, mask, torch.arange(len(batch), device=self.lm_device)
+        )
+        return -logp.sum() / mask.sum()
+
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> Tensor:
+        """SFT: cross-entropy on the reference responses (logged as ``train/loss``)."""
+        loss = self.sft_loss(batch)
+        self.log("train/loss", loss, batch_size=len(batch), prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        """Logs the SFT loss as ``val/loss``."""
+        self.log("val/loss", self.sft_loss(batch), batch_size=len(batch))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """AdamW over the trainable parameters; weight decay on matrices only."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise RuntimeError("Policy.configure_optimizers: no trainable parameters (check `freeze`)")
+        groups = [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": self.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr)
+
+
+def _ids_of(batch: PromptBatch, owner: Tensor) -> list[str]:
+    return sorted({batch.ids[p] for p in owner.tolist() if 0 <= p < len(batch)})[:3]
+
+
+def tiny_policy(
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    image_size: int = 32,
+    num_frames: int = 4,
+    ecg_leads: int = 8,
+    ecg_samples: int = 2500,
+    tokens_per_item: dict[str, int | None] | int | None = None,
+    seed: int = 0,
+    **policy_kwargs: Any,
+) -> Policy:
+    """A complete tiny multimodal policy: TinyLM + ViT image / volume encoders + ECG encoder + projector.
+
+    Defaults give < 1M parameters (unit tests); ``hidden_size=256, num_layers=6, num_heads=4`` is the ~5M
+    demo size. Parameters are a deterministic function of the arguments.
+
+    Args:
+        hidden_size: LM width (head_dim = hidden_size / num_heads must be >= 32).
+        num_layers: LM layers.
+        num_heads: LM attention heads.
+        image_size: image side the vision encoders expect.
+        num_frames: frames the volume encoder's position embedding is laid out for.
+        ecg_leads: ECG leads.
+        ecg_samples: ECG samples per lead (a multiple of 50).
+        tokens_per_item: projector pooling; None means image 4, video one per frame, ECG 1 (as QoQ-Med).
+        seed: seed of all initialisations.
+        **policy_kwargs: further :class:`Policy` arguments (``lora``, ``freeze``, ``quantization``, ...).
+
+    Returns:
+        An unbuilt :class:`Policy` (call ``build()`` or let the Trainer call ``configure_model``).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vit = {"depth": 1, "embed_dim": 32, "num_heads": 1, "patch_size": 8, "mlp_ratio": 2.0}
+        encoders: dict[str, ModalityEncoder] = {
+            "image": VisionEncoder(image_size=image_size, backbone_kwargs=vit),
+            "video": VolumeEncoder(
+                VisionEncoder(image_size=image_size, backbone_kwargs=vit), num_frames=num_frames
+            ),
+            "ecg": ECGEncoder(leads=ecg_leads, samples=ecg_samples, patch_size=50, dim=32, depth=1, heads=1),
+        }
+        projector = FusionProjector(
+            {k: e.out_dim for k, e in encoders.items()},
+            hidden_size,
+            tokens_per_item if tokens_per_item is not None else {"image": 4, "video": None, "ecg": 1},
+        )
+    lm = TinyLM(
+        hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, num_kv_heads=1, seed=seed
+    )
+    return Policy(lm, encoders=encoders, projector=projector, **policy_kwargs)
