@@ -1,0 +1,232 @@
+"""Policy-gradient loss pieces (ALGORITHMS.md section 3): KL estimators, aggregation, PPO-clip.
+
+Micro-batching: :func:`loss_normalizer` counts the tokens or sequences of the *whole optimizer step*;
+every micro-batch calls :func:`policy_loss` with that normaliser and the losses are summed (or their
+gradients accumulated). The sum equals the loss of the step processed whole, for every aggregation mode.
+The metrics :func:`policy_loss` returns are aggregated the same way, so they also add up over micro-batches.
+Under DDP, which averages gradients over ranks, pass the global count divided by the world size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+KLKind = Literal["k1", "k2", "k3"]
+AggMode = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"]
+_AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
+_LOG_RATIO_CLAMP = 20.0  # keeps exp() finite (and gradients NaN-free) without changing clamped outputs
+
+
+def kl_penalty(logp: Tensor, ref_logp: Tensor, kind: KLKind = "k3") -> Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from log-probs of tokens sampled from pi.
+
+    With x = ref_logp - logp: ``k1`` = -x, ``k2`` = x^2 / 2, ``k3`` = exp(x) - x - 1 clamped to [-10, 10]
+    (the "low-variance KL"; x is clamped to [-20, 20] first, which leaves the clamped value unchanged and
+    keeps gradients finite).
+
+    Args:
+        logp: ``[N, R]`` log-probs under the policy.
+        ref_logp: ``[N, R]`` log-probs under the reference.
+        kind: estimator.
+
+    Returns:
+        ``[N, R]`` per-token KL estimates.
+    """
+    x = ref_logp - logp
+    if kind == "k1":
+        return -x
+    if kind == "k2":
+        return 0.5 * x.square()
+    if kind == "k3":
+        x = x.clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+        return (x.exp() - x - 1).clamp(-10.0, 10.0)
+    raise ValueError(f"unknown KL estimator {kind!r}; expected 'k1', 'k2' or 'k3'")
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of the categorical distribution of each position.
+
+    Args:
+        logits: ``[..., V]`` unnormalised log-probs.
+
+    Returns:
+        ``[...]`` entropies (nats).
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(dim=-1)
+
+
+def loss_normalizer(mask: Tensor | Sequence[Tensor], mode: AggMode = "token_mean") -> float:
+    """The normaliser of a whole optimizer step, independent of how it is split into micro-batches.
+
+    Args:
+        mask: ``[N, R]`` bool response mask of the step, or the list of its micro-batches' masks.
+        mode: aggregation mode (see :func:`aggregate`).
+
+    Returns:
+        The number of response tokens (``token_mean``) or of non-empty responses (the ``seq_*`` modes),
+        at least 1.
+    """
+    masks = [mask] if isinstance(mask, Tensor) else list(mask)
+    if mode not in _AGG_MODES:
+        raise ValueError(f"unknown aggregation mode {mode!r}; expected one of {_AGG_MODES}")
+    if mode == "token_mean":
+        count = sum(int(m.sum()) for m in masks)
+    else:
+        count = sum(int(m.any(dim=-1).sum()) for m in masks)
+    return float(max(count, 1))
+
+
+def aggregate(
+    values: Tensor, mask: Tensor, mode: AggMode = "token_mean", normalizer: float | Tensor = 1.0
+) -> Tensor:
+    """Reduce per-token values to a scalar with an explicit, step-wide normaliser.
+
+    - ``token_mean``: sum over all response tokens / normaliser (= tokens in the step);
+    - ``seq_mean_token_mean``: sum over responses of (token mean of the response) / normaliser
+      (= responses in the step); the paper's 1/|o| per-sequence mean;
+    - ``seq_mean_token_sum``: sum over responses of (token sum of the response) / normaliser.
+
+    Args:
+        values: ``[N, R]`` per-token values.
+        mask: ``[N, R]`` bool, True on response tokens.
+        mode: aggregation mode.
+        normalizer: from :func:`loss_normalizer` over the whole optimizer step.
+
+    Returns:
+        A scalar tensor.
+    """
+    m = mask.to(values.dtype)
+    if mode == "token_mean":
+        total = (values * m).sum()
+    elif mode == "seq_mean_token_mean":
+        total = ((values * m).sum(-1) / m.sum(-1).clamp(min=1)).sum()
+    elif mode == "seq_mean_token_sum":
+        total = (values * m).sum()
+    else:
+        raise ValueError(f"unknown aggregation mode {mode!r}; expected one of {_AGG_MODES}")
+    return total / normalizer
+
+
+def truncated_is_weights(old_logp: Tensor, engine_logp: Tensor, cap: float = 2.0) -> Tensor:
+    """Truncated importance weights correcting for the rollout engine's own sampling distribution.
+
+    Args:
+        old_logp: ``[N, R]`` log-probs recomputed by the trainer (the behaviour policy it believes in).
+        engine_logp: ``[N, R]`` log-probs reported by the rollout engine for the same tokens.
+        cap: upper bound of the weights.
+
+    Returns:
+        ``[N, R]`` detached weights min(exp(old_logp - engine_logp), cap).
+    """
+    log_w = (old_logp - engine_logp).detach().clamp(max=_LOG_RATIO_CLAMP)
+    return log_w.exp().clamp(max=cap)
+
+
+def policy_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    dual_clip: float | None = None,
+    agg: AggMode = "token_mean",
+    normalizer: float | Tensor,
+    ref_logp: Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_kind: KLKind = "k3",
+    entropy: Tensor | None = None,
+    entropy_coef: float = 0.0,
+    is_weights: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO-clip surrogate with optional dual-clip, KL-to-reference term and entropy bonus.
+
+    Per token, with ratio rho = exp(logp - old_logp) and A the response's advantage:
+    pg = max(-A rho, -A clip(rho, 1 - eps_low, 1 + eps_high)); with dual-clip c (> 1), for A < 0,
+    pg = min(pg, -A c). With ``is_weights`` w (truncated importance sampling), pg *= w. The per-token loss
+    pg + kl_coef * KL(logp, ref_logp) - entropy_coef * entropy is reduced by :func:`aggregate`.
+
+    Args:
+        logp: ``[N, R]`` current log-probs of the sampled tokens (with grad).
+        old_logp: ``[N, R]`` log-probs of the policy that sampled them (recomputed by the trainer).
+        advantages: ``[N]`` one advantage per response.
+        mask: ``[N, R]`` bool response mask.
+        eps_low: lower clip range.
+        eps_high: upper clip range ("clip-higher" when larger than eps_low).
+        dual_clip: dual-clip constant c > 1 for negative advantages, or None.
+        agg: aggregation mode.
+        normalizer: step-wide normaliser from :func:`loss_normalizer`.
+        ref_logp: ``[N, R]`` reference log-probs, or None (no KL term or metric).
+        kl_coef: coefficient of the KL term.
+        kl_kind: KL estimator.
+        entropy: ``[N, R]`` per-token policy entropy (with grad for a bonus), or None.
+        entropy_coef: coefficient of the entropy bonus.
+        is_weights: ``[N, R]`` per-token importance weights (e.g. :func:`truncated_is_weights`), or None.
+
+    Returns:
+        ``loss`` (scalar) and detached metrics, each aggregated like the loss: ``pg_loss``, ``clip_frac``
+        (tokens where the clipped term is active), ``dual_clip_frac``, ``approx_kl`` (k3 of old vs
+        current), ``kl`` (vs reference, when given), ``entropy`` (when given).
+    """
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+    if advantages.shape != logp.shape[:1]:
+        raise ValueError(f"advantages must be [N] = {tuple(logp.shape[:1])}, got {tuple(advantages.shape)}")
+    adv = advantages.detach().to(logp.dtype)[:, None]  # [N, 1]
+    log_ratio = (logp - old_logp.detach()).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    ratio = log_ratio.exp()  # [N, R]
+    pg_unclipped = -adv * ratio
+    pg_clipped = -adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    pg = torch.maximum(pg_unclipped, pg_clipped)  # [N, R]
+    clipped = pg_clipped > pg_unclipped
+    dual = torch.zeros_like(clipped)
+    if dual_clip is not None:
+        bound = -adv * dual_clip
+        dual = (adv < 0) & (pg > bound)
+        pg = torch.where(dual, bound.expand_as(pg), pg)
+    if is_weights is not None:
+        pg = pg * is_weights.detach()
+
+    def agg_(values: Tensor) -> Tensor:
+        return aggregate(values, mask, agg, normalizer)
+
+    per_token = pg
+    metrics: dict[str, Tensor] = {}
+    with torch.no_grad():
+        metrics["pg_loss"] = agg_(pg.detach())
+        metrics["clip_frac"] = agg_(clipped.to(logp.dtype))
+        metrics["dual_clip_frac"] = agg_(dual.to(logp.dtype))
+        metrics["approx_kl"] = agg_(kl_penalty(logp.detach(), old_logp.detach(), "k3"))
+    if ref_logp is not None:
+        kl = kl_penalty(logp, ref_logp.detach(), kl_kind)
+        if kl_coef:
+            per_token = per_token + kl_coef * kl
+        metrics["kl"] = agg_(kl.detach())
+    if entropy is not None:
+        if entropy_coef:
+            per_token = per_token - entropy_coef * entropy
+        metrics["entropy"] = agg_(entropy.detach())
+    return agg_(per_token), metrics
+
+
+def response_kl(logp: Tensor, ref_logp: Tensor, mask: Tensor, kind: KLKind = "k3") -> Tensor:
+    """Per-response KL to the reference: the token mean of :func:`kl_penalty` (DRPO's damping input).
+
+    Args:
+        logp: ``[N, R]`` policy log-probs.
+        ref_logp: ``[N, R]`` reference log-probs.
+        mask: ``[N, R]`` bool response mask.
+        kind: estimator.
+
+    Returns:
+        ``[N]`` detached per-response KL (0 for empty responses).
+    """
+    m = mask.to(logp.dtype)
+    kl = kl_penalty(logp.detach(), ref_logp.detach(), kind)
+    return (kl * m).sum(-1) / m.sum(-1).clamp(min=1)
