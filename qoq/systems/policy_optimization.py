@@ -298,6 +298,7 @@ class PolicyOptimization(L.LightningModule):
                 rows = torch.nonzero(torch.isin(rollout.prompt_index.cpu(), groups)).flatten().to(self.device)  # [n_mb]
                 normalizer = losses.loss_normalizer(rollout.response_mask[rows], cfg.agg)
                 opt.zero_grad(set_to_none=True)
+                step_metrics: dict[str, Tensor] = defaultdict(lambda: torch.zeros(()))
                 step = self.micro_batch_size or len(rows)
                 for micro in rows.split(step):
                     embeds = self.policy.prompt_embeds(batch)  # with grad into trainable encoders/projector
@@ -330,9 +331,12 @@ class PolicyOptimization(L.LightningModule):
                         is_weights=tis,
                     )
                     self.manual_backward(loss)
+                    # micro-batch metrics share the step's normaliser: their sum is the step's value
                     for k, v in metrics.items():
-                        collected[k].append(torch.as_tensor(v, dtype=torch.float32).detach().cpu())
-                    collected["loss"].append(loss.detach().float().cpu())
+                        step_metrics[k] += torch.as_tensor(v, dtype=torch.float32).detach().cpu()
+                    step_metrics["loss"] += loss.detach().float().cpu()
+                for k, v in step_metrics.items():
+                    collected[k].append(v)
                 if self.hparams.grad_clip > 0:
                     norm = torch.nn.utils.clip_grad_norm_(
                         [p for p in self.policy.parameters() if p.requires_grad], self.hparams.grad_clip
@@ -367,8 +371,11 @@ class PolicyOptimization(L.LightningModule):
             logs[f"train/reward/{domain}"] = rewards[idx].mean()
             logs[f"train/adv_scale/{domain}"] = advantages[idx].abs().mean()
         for k, v in (adv_metrics or {}).items():
-            if isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1):
-                logs[f"train/drpo/{self._metric_key(k)}"] = float(v)
+            per_domain = v.items() if isinstance(v, dict) else [(None, v)]
+            for dom, value in per_domain:
+                if isinstance(value, (int, float)) or (torch.is_tensor(value) and value.numel() == 1):
+                    name = k if dom is None else f"{k}/{self._metric_key(dom)}"
+                    logs[f"train/advantage/{name}"] = float(value)
         if rollout.engine_logprobs is not None:
             diff = (rollout.engine_logprobs.to(old_logp) - old_logp).abs()[mask]
             if diff.numel():

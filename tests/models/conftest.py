@@ -62,14 +62,3 @@ def make_batch():
 def fit():
     """The stand-alone stage runner: ``fit(module, batches, steps)``."""
     return _fit
-
-
-@pytest.fixture(autouse=True)
-def _seed_and_one_thread():
-    """Seeded, and one intra-op thread: tiny models are overhead-bound, and two threads on a busy
-    2-core machine spin against each other (measured ~10x slower steps)."""
-    torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
