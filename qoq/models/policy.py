@@ -31,12 +31,9 @@ from qoq.models.projector import FusionProjector
 from qoq.types import PLACEHOLDERS, PromptBatch
 
 #: The response contract of QoQ-Med (see docs: rewards): reasoning, salient regions as JSON, boxed answer.
-DEFAULT_SYSTEM_PROMPT = (
-    "You are a clinical assistant. Answer the question about the given images, volumes and ECGs. "
-    "First reason inside <think> </think>. Then list the salient regions as a ```json block "
-    '[{"bbox_2d": [x1, y1, x2, y2], "label": "..."}] in pixels of the image you saw ([] when none). '
-    "Finally give the answer inside \\boxed{}, several labels separated by commas."
-)
+#: The system turn. The response-format instruction is not repeated here: the data layer appends
+#: :data:`qoq.rl.rewards.RESPONSE_FORMAT` to every user message (one home for the prompt contract).
+DEFAULT_SYSTEM_PROMPT = "You are a clinical assistant."
 
 _PLACEHOLDER_RE = re.compile("|".join(re.escape(p) for p in PLACEHOLDERS.values()))
 _KIND_OF = {placeholder: kind for kind, placeholder in PLACEHOLDERS.items()}

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 from transformers import PreTrainedTokenizerFast
 
+from qoq.rl.rewards import RESPONSE_FORMAT
+
 #: Qwen2-style special tokens: end-of-text (also pad and EOS) and the two ChatML turn markers.
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -151,6 +153,8 @@ def builtin_corpus(seed: int = 0, examples: int = 200) -> list[str]:
     rng = random.Random(seed)
     lines = _ENGLISH.splitlines()
     labels = sorted({label for words in DOMAIN_LABEL_WORDS.values() for label in words})
+    # The prompt contract's instruction appears in every prompt: repeated so that BPE merges its words.
+    lines += [RESPONSE_FORMAT] * 20
     for domain, words in DOMAIN_LABEL_WORDS.items():
         lines.append(f"Domain: {domain}. Options: " + ", ".join(words) + ".")
     for _ in range(examples):
