@@ -12,7 +12,7 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -110,7 +110,9 @@ class PolicyOptimization(L.LightningModule):
         engine_dir: str | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["policy", "advantage", "reward", "rollout"])
+        # Components are objects: the checkpoint keeps their config (LightningCLI gives it) but never
+        # pickled objects, so checkpoints load with weights_only=True.
+        self.save_hyperparameters(ignore=["policy", "advantage", "reward", "rollout", "sampling", "eval_sampling", "loss"])
         self.automatic_optimization = False
         self.policy = policy
         self.advantage = advantage if advantage is not None else DRPO()
@@ -119,6 +121,9 @@ class PolicyOptimization(L.LightningModule):
         self.sampling = sampling or SamplingParams()
         self.eval_sampling = eval_sampling or SamplingParams(n=1, temperature=0.0, max_new_tokens=self.sampling.max_new_tokens)
         self.loss_cfg = loss or LossConfig()
+        for name, value in (("sampling", self.sampling), ("eval_sampling", self.eval_sampling), ("loss", self.loss_cfg)):
+            if not isinstance(self.hparams.get(name), dict):
+                self.hparams[name] = asdict(value)
         self.ppo_epochs = ppo_epochs
         self.mini_batches = mini_batches
         self.micro_batch_size = micro_batch_size
@@ -357,6 +362,8 @@ class PolicyOptimization(L.LightningModule):
             "train/zero_std_groups": _zero_std_fraction(rewards, rollout.prompt_index),
             "train/sync_ms": report.seconds * 1000.0,
         }
+        if rollout.truncated is not None:
+            logs["train/truncated_frac"] = rollout.truncated.float().mean()
         for name, values in scored.components.items():
             finite = values[torch.isfinite(values)]
             if finite.numel():
@@ -488,13 +495,12 @@ class _Clock:
 
 
 def _to_device(rollout: RolloutBatch, device: torch.device) -> RolloutBatch:
-    return RolloutBatch(
-        prompt_index=rollout.prompt_index.to(device),
-        response_ids=rollout.response_ids.to(device),
-        response_mask=rollout.response_mask.to(device),
-        texts=rollout.texts,
-        engine_logprobs=rollout.engine_logprobs.to(device) if rollout.engine_logprobs is not None else None,
-    )
+    tensors = {
+        name: value.to(device)
+        for name, value in vars(rollout).items()
+        if isinstance(value, Tensor)
+    }
+    return replace(rollout, **tensors)
 
 
 def _zero_std_fraction(rewards: Tensor, group_ids: Tensor) -> Tensor:
