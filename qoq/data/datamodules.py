@@ -43,6 +43,7 @@ from qoq.data.errors import SkipCounter
 from qoq.data.loaders import ECGSpec
 from qoq.data.manifest import read_manifest
 from qoq.data.records import Record
+from qoq.rl.rewards import RESPONSE_FORMAT
 from qoq.types import PromptBatch
 
 SamplerMode = Literal["natural", "balanced", "temperature"]
@@ -219,6 +220,9 @@ class ClinicalDataModule(L.LightningDataModule):
         steps_per_epoch: training batches per stream epoch; None means ceil(train records / batch_size).
         seed: seed of the training stream (batch b of epoch e depends on seed, e and b only).
         num_workers: DataLoader worker processes.
+        instruction: the response-format instruction appended to every prompt; default the paper's
+            prompt contract (:data:`qoq.rl.rewards.RESPONSE_FORMAT`); a short one saves compute for tiny
+            policies trained from scratch.
     """
 
     def __init__(
@@ -240,6 +244,7 @@ class ClinicalDataModule(L.LightningDataModule):
         steps_per_epoch: int | None = None,
         seed: int = 0,
         num_workers: int = 0,
+        instruction: str | None = RESPONSE_FORMAT,
     ) -> None:
         super().__init__()
         if not manifests and not demo:
@@ -252,6 +257,7 @@ class ClinicalDataModule(L.LightningDataModule):
         self.skip_invalid, self.val_fraction = skip_invalid, val_fraction
         self.sampler_mode, self.temperature = sampler, temperature
         self.steps_per_epoch, self.seed, self.num_workers = steps_per_epoch, seed, num_workers
+        self.instruction = instruction
         #: Domain vocabulary of ``PromptBatch.domain_ids``: always all of DOMAINS (stable ids).
         self.domain_vocab: list[str] = list(DOMAINS)
         #: Dataset names present (sorted), filled by :meth:`setup`.
@@ -338,7 +344,13 @@ class ClinicalDataModule(L.LightningDataModule):
 
     def _dataset(self, records: list[Record]) -> ClinicalDataset:
         return ClinicalDataset(
-            records, self.image_size, self.num_frames, self.ecg_spec, self.skip_invalid, self.skip_counter
+            records,
+            self.image_size,
+            self.num_frames,
+            self.ecg_spec,
+            self.skip_invalid,
+            self.skip_counter,
+            instruction=self.instruction,
         )
 
     # ------------------------------------------------------------------------------- dataloaders

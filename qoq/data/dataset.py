@@ -53,16 +53,18 @@ class Sample:
     stream_index: int = -1
 
 
-def prompt_text(record: Record) -> str:
+def prompt_text(record: Record, instruction: str | None = RESPONSE_FORMAT) -> str:
     """The user message of a record: its problem, then the response-format instruction.
 
     Args:
         record: the record.
+        instruction: the response-format instruction; default :data:`qoq.rl.rewards.RESPONSE_FORMAT`
+            (the paper's prompt contract). None or "" appends nothing.
 
     Returns:
-        ``record.problem`` + a blank line + :data:`qoq.rl.rewards.RESPONSE_FORMAT`.
+        ``record.problem`` + a blank line + ``instruction``.
     """
-    return f"{record.problem}\n\n{RESPONSE_FORMAT}"
+    return f"{record.problem}\n\n{instruction}" if instruction else record.problem
 
 
 def reference_response(record: Record, boxes: Tensor | None) -> str:
@@ -110,6 +112,7 @@ class ClinicalDataset(Dataset):
         ecg_spec: ECGSpec = ECGSpec(),  # noqa: B008 - frozen, safe to share
         skip_invalid: bool = False,
         counter: SkipCounter | None = None,
+        instruction: str | None = RESPONSE_FORMAT,
     ) -> None:
         if image_size < 1 or num_frames < 1:
             raise ValueError(f"image_size and num_frames must be >= 1, got {image_size}, {num_frames}")
@@ -119,6 +122,7 @@ class ClinicalDataset(Dataset):
         self.ecg_spec = ecg_spec
         self.skip_invalid = skip_invalid
         self.counter = counter if counter is not None else SkipCounter()
+        self.instruction = instruction
 
     def __len__(self) -> int:
         return len(self.records)
@@ -171,7 +175,7 @@ class ClinicalDataset(Dataset):
         for path in record.time_series:
             items.setdefault("ecg", []).append(torch.from_numpy(read_ecg(path, self.ecg_spec)))  # [leads, T]
         target = RewardTarget(answer=record.answer, labels=record.labels, boxes=boxes, mask=mask)
-        return Sample(record, prompt_text(record), items, target, reference_response(record, boxes))
+        return Sample(record, prompt_text(record, self.instruction), items, target, reference_response(record, boxes))
 
 
 def collate(samples: Sequence[Sample | None], domain_vocab: Sequence[str]) -> PromptBatch:
