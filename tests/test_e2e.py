@@ -39,7 +39,7 @@ def test_fit_writes_checkpoint_with_drpo_state(drpo_run: Path) -> None:
     assert state["hyper_parameters"]["_class_path"] == "qoq.systems.PolicyOptimization"
     stats = state["qoq"]["advantage"]["stats"]
     assert stats, "DRPO history missing from the checkpoint"
-    assert state["qoq"]["domain_vocab"]
+    assert state["qoq"]["domain_names"]
     curve = list(csv.DictReader(open(drpo_run / "reward_curve.csv")))
     assert len(curve) == state["global_step"] or len(curve) > 0
 
@@ -47,9 +47,10 @@ def test_fit_writes_checkpoint_with_drpo_state(drpo_run: Path) -> None:
 @pytest.mark.vllm
 def test_test_from_checkpoint_writes_report(drpo_run: Path) -> None:
     ckpt = drpo_run / "checkpoints" / "last.ckpt"
-    report_dir = drpo_run / "report_test"
+    reports = drpo_run / "reports"
     run(["test", "--config", str(ROOT / "configs/demo.yaml"), "--config", str(SMOKE),
          "--trainer.default_root_dir", str(drpo_run), "--ckpt_path", str(ckpt)])
+    (report_dir,) = [d for d in reports.iterdir() if d.name.startswith("test-")]
     assert (report_dir / "summary.md").is_file()
     rows = list(csv.reader(open(report_dir / "metrics.csv")))
     names = {r[0] for r in rows[1:]}
@@ -75,3 +76,24 @@ def test_grpo_swap_runs(tmp_path: Path) -> None:
          "--config", str(ROOT / "configs/rollout/hf.yaml"))
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert state["global_step"] > 0
+
+
+def test_encoder_stage_via_cli(tmp_path: Path) -> None:
+    """A component's own stage: the vision encoder trained on its domain's labels, through the CLI."""
+    run(["fit", "--model", "qoq.models.VisionEncoder", "--model.labels", "[No DR, DR lesions present]",
+         "--model.backbone_kwargs", "{depth: 1, embed_dim: 32, num_heads: 1, patch_size: 8}",
+         "--data", "qoq.data.FundusDataModule", "--data.demo", "true", "--data.batch_size", "4",
+         "--trainer.max_steps", "3", "--trainer.log_every_n_steps", "1", "--trainer.accelerator", "cpu",
+         "--trainer.enable_progress_bar", "false",
+         "--trainer.default_root_dir", str(tmp_path)])
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert any(r.get("train/loss") for r in rows)
+
+
+def test_sft_stage_via_cli(tmp_path: Path) -> None:
+    """The policy's own stage (SFT, the paper's SFT baseline) with the demo's SFT config."""
+    run(["fit", "--config", str(ROOT / "configs/demo_sft.yaml"), "--model", str(ROOT / "configs/policy/micro.yaml"),
+         "--trainer.max_steps", "3", "--trainer.log_every_n_steps", "1", "--trainer.default_root_dir", str(tmp_path)])
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    losses = [float(r["train/loss"]) for r in csv.DictReader(open(tmp_path / "metrics.csv")) if r.get("train/loss")]
+    assert len(losses) == 3 and all(loss == loss for loss in losses)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import zlib
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
@@ -20,6 +21,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from qoq import strategies
 from qoq.models.policy import Policy
 from qoq.rl import losses
 from qoq.rl.advantages import DRPO, AdvantageEstimator
@@ -76,6 +78,9 @@ class PolicyOptimization(L.LightningModule):
         ppo_epochs: passes over each rollout batch.
         mini_batches: optimizer steps per rollout batch and epoch (responses split by group).
         micro_batch_size: responses per forward/backward (gradient accumulation); None = whole mini-batch.
+        token_budget: split micro-batches by padded tokens instead: each holds as many responses as fit
+            ``rows x (longest prompt + response width) <= token_budget`` (at least one); bounds activation
+            memory when lengths vary. Combined with ``micro_batch_size``, both limits hold.
         lr: learning rate (AdamW).
         weight_decay: AdamW weight decay.
         betas: AdamW betas.
@@ -100,6 +105,7 @@ class PolicyOptimization(L.LightningModule):
         ppo_epochs: int = 1,
         mini_batches: int = 1,
         micro_batch_size: int | None = None,
+        token_budget: int | None = None,
         lr: float = 1e-5,
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -127,12 +133,13 @@ class PolicyOptimization(L.LightningModule):
         self.ppo_epochs = ppo_epochs
         self.mini_batches = mini_batches
         self.micro_batch_size = micro_batch_size
+        self.token_budget = token_budget
         self.domain_key = domain_key
         self.trace_every = trace_every
         self.engine_dir = engine_dir
         self.init_policy_from = init_policy_from
         self.reference: Policy | None = None
-        self.domain_vocab: list[str] = []  # DRPO domain keys -> ids; grows, saved in checkpoints
+        self.domain_names: dict[int, str] = {}  # DRPO domain id -> key, for logging; saved in checkpoints
         self.last_rollout_trace: list[dict[str, Any]] | None = None
         self._configured = False
         self._engine_ready = False
@@ -166,14 +173,15 @@ class PolicyOptimization(L.LightningModule):
         if self._engine_ready:
             return
         workdir = Path(self.engine_dir or Path(self.trainer.log_dir or self.trainer.default_root_dir) / "engine")
-        self.rollout.setup(
-            self.policy.lm,
-            self.policy.tokenizer,
-            workdir,
-            suppress_token_ids=self.policy.suppress_token_ids,
-            eos_token_ids=self.policy.eos_token_ids,
-        )
-        self.rollout.sync_weights(self.policy.lm_weights_for_sync())
+        with strategies.full_parameters(self.trainer.model):  # sharded weights: gathered for the engine
+            self.rollout.setup(
+                self.policy.lm,
+                self.policy.tokenizer,
+                workdir,
+                suppress_token_ids=self.policy.suppress_token_ids,
+                eos_token_ids=self.policy.eos_token_ids,
+            )
+            self.rollout.sync_weights(self.policy.lm_weights_for_sync())
         self._engine_ready = True
 
     def on_fit_start(self) -> None:
@@ -226,14 +234,15 @@ class PolicyOptimization(L.LightningModule):
             if ref_logp is not None and getattr(self.advantage, "needs_kl", False):
                 kl_tok = losses.kl_penalty(old_logp, ref_logp, "k3")
                 kl_seq = (kl_tok * mask).sum(-1) / mask.sum(-1).clamp_min(1)  # [N]
-            adv_out = self._advantages(rewards, rollout.prompt_index, domain_ids, kl_seq)
+            adv_out = self._advantages(rewards, rollout.prompt_index, domain_ids, kl_seq, scored.components)
             advantages = adv_out.advantages.to(self.device)  # [N]
 
         with clock("update"):
-            update_metrics = self._update(batch, rollout, old_logp, ref_logp, advantages)
+            update_metrics = self._update(batch, rollout, old_logp, ref_logp, advantages, [len(e) for e in embeds])
 
         with clock("sync"):
-            report = self.rollout.sync_weights(self.policy.lm_weights_for_sync())
+            with strategies.full_parameters(self.trainer.model):
+                report = self.rollout.sync_weights(self.policy.lm_weights_for_sync())
 
         self._log_step(batch, rollout, scored, rewards, advantages, adv_out.metrics, keys, old_logp, update_metrics,
                        report, timers)
@@ -250,9 +259,10 @@ class PolicyOptimization(L.LightningModule):
         return batch.domains[i] if self.domain_key == "domain" else f"{batch.domains[i]}/{batch.datasets[i]}"
 
     def _domain_id(self, key: str) -> int:
-        if key not in self.domain_vocab:
-            self.domain_vocab.append(key)
-        return self.domain_vocab.index(key)
+        """A stable id for a domain key: the same on every rank and in every run (CRC-32 of the key)."""
+        ident = zlib.crc32(key.encode())
+        self.domain_names[ident] = key
+        return ident
 
     def _reference_logprobs(self, batch: PromptBatch, embeds: list[Tensor], rollout: RolloutBatch) -> Tensor | None:
         if not (self.loss_cfg.kl_coef > 0 or getattr(self.advantage, "needs_kl", False)):
@@ -265,10 +275,21 @@ class PolicyOptimization(L.LightningModule):
             ref_embeds = self.policy.prompt_embeds(batch)
             return self.policy.response_logprobs(ref_embeds, *args, temperature=self._train_temperature)[0]
 
-    def _advantages(self, rewards: Tensor, group_ids: Tensor, domain_ids: Tensor, kl: Tensor | None):
-        """Advantages over the global batch: under data parallelism every rank sees every rank's rewards."""
+    def _advantages(
+        self, rewards: Tensor, group_ids: Tensor, domain_ids: Tensor, kl: Tensor | None, components: dict[str, Tensor]
+    ):
+        """Advantages over the global batch: under data parallelism every rank sees every rank's rewards.
+
+        Estimators with ``needs_components`` also get the reward components ``{name: [N]}`` and weights.
+        """
+        extra: dict[str, Any] = {}
+        if getattr(self.advantage, "needs_components", False):
+            comps = {k: v.to(self.device, torch.float32) for k, v in components.items()}
+            if self.trainer.world_size > 1:
+                comps = {k: v.flatten() for k, v in self.all_gather(comps).items()}
+            extra = {"components": comps, "weights": dict(self.reward.weights)}
         if self.trainer.world_size <= 1:
-            return self.advantage(rewards, group_ids, domain_ids, kl=kl)
+            return self.advantage(rewards, group_ids, domain_ids, kl=kl, **extra)
         n_local = rewards.shape[0]
         groups_local = int(group_ids.max()) + 1
         gathered = self.all_gather(
@@ -281,13 +302,44 @@ class PolicyOptimization(L.LightningModule):
             (gathered["g"] + offsets).flatten(),
             gathered["d"].flatten(),
             kl=gathered["k"].flatten() if kl is not None else None,
+            **extra,
         )
         rank = self.trainer.global_rank
         out.advantages = out.advantages[rank * n_local : (rank + 1) * n_local]
         return out
 
+    def _micro_batches(self, rows: Tensor, rollout: RolloutBatch, prompt_lengths: list[int] | None) -> list[Tensor]:
+        """Split a mini-batch's rows into micro-batches by ``micro_batch_size`` and ``token_budget``."""
+        size = self.micro_batch_size or len(rows)
+        if self.token_budget is None or prompt_lengths is None:
+            return list(rows.split(size))
+        width = rollout.response_ids.shape[1]  # R: every row is padded to it
+        lengths = [prompt_lengths[i] for i in rollout.prompt_index[rows].tolist()]
+        out, start, longest = [], 0, 0
+        for k, length in enumerate(lengths):
+            longest_k = max(longest, length)
+            if k > start and ((k + 1 - start) * (longest_k + width) > self.token_budget or k - start >= size):
+                out.append(rows[start:k])
+                start, longest_k = k, length
+            longest = longest_k
+        out.append(rows[start:])
+        return out
+
+    def _grad_logprobs(self, batch: PromptBatch, rollout: RolloutBatch, micro: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Current-policy log-probs (and entropy) of the ``micro`` rows, with gradients."""
+        embeds = self.policy.prompt_embeds(batch)  # with grad into trainable encoders/projector
+        return self.policy.response_logprobs(
+            embeds,
+            rollout.response_ids[micro],
+            rollout.response_mask[micro],
+            rollout.prompt_index[micro],
+            temperature=self._train_temperature,
+            with_entropy=self.loss_cfg.entropy_coef > 0,
+        )
+
     def _update(
-        self, batch: PromptBatch, rollout: RolloutBatch, old_logp: Tensor, ref_logp: Tensor | None, advantages: Tensor
+        self, batch: PromptBatch, rollout: RolloutBatch, old_logp: Tensor, ref_logp: Tensor | None, advantages: Tensor,
+        prompt_lengths: list[int] | None = None,
     ) -> dict[str, Tensor]:
         """``ppo_epochs`` x ``mini_batches`` optimizer steps; returns the mean of the loss metrics."""
         opt = self.optimizers()
@@ -304,17 +356,9 @@ class PolicyOptimization(L.LightningModule):
                 normalizer = losses.loss_normalizer(rollout.response_mask[rows], cfg.agg)
                 opt.zero_grad(set_to_none=True)
                 step_metrics: dict[str, Tensor] = defaultdict(lambda: torch.zeros(()))
-                step = self.micro_batch_size or len(rows)
-                for micro in rows.split(step):
-                    embeds = self.policy.prompt_embeds(batch)  # with grad into trainable encoders/projector
-                    logp, entropy = self.policy.response_logprobs(
-                        embeds,
-                        rollout.response_ids[micro],
-                        rollout.response_mask[micro],
-                        rollout.prompt_index[micro],
-                        temperature=self._train_temperature,
-                        with_entropy=cfg.entropy_coef > 0,
-                    )
+                for micro in self._micro_batches(rows, rollout, prompt_lengths):
+                    # through the sharded root (FSDP1 hooks see the forward); a plain call otherwise
+                    logp, entropy = strategies.root_call(self, "_grad_logprobs", batch, rollout, micro)
                     tis = None
                     if cfg.tis_cap is not None and rollout.engine_logprobs is not None:
                         tis = torch.exp(old_logp[micro] - rollout.engine_logprobs[micro]).clamp(max=cfg.tis_cap)
@@ -343,8 +387,9 @@ class PolicyOptimization(L.LightningModule):
                 for k, v in step_metrics.items():
                     collected[k].append(v)
                 if self.hparams.grad_clip > 0:
-                    norm = torch.nn.utils.clip_grad_norm_(
-                        [p for p in self.policy.parameters() if p.requires_grad], self.hparams.grad_clip
+                    norm = strategies.clip_grad_norm(
+                        self.trainer.model, [p for p in self.policy.parameters() if p.requires_grad],
+                        self.hparams.grad_clip,
                     )
                     collected["grad_norm"].append(torch.as_tensor(norm, dtype=torch.float32).detach().cpu())
                 opt.step()
@@ -400,8 +445,8 @@ class PolicyOptimization(L.LightningModule):
     def _metric_key(self, key: Any) -> str:
         if isinstance(key, tuple):
             return "/".join(self._metric_key(k) for k in key)
-        if isinstance(key, int) and 0 <= key < len(self.domain_vocab):
-            return self.domain_vocab[key]
+        if isinstance(key, int) and key in self.domain_names:
+            return self.domain_names[key]
         return str(key)
 
     # ------------------------------------------------------------------ evaluation
@@ -449,13 +494,13 @@ class PolicyOptimization(L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["qoq"] = {"advantage": self.advantage.state_dict(), "domain_vocab": list(self.domain_vocab)}
+        checkpoint["qoq"] = {"advantage": self.advantage.state_dict(), "domain_names": dict(self.domain_names)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("qoq", {})
         if "advantage" in state:
             self.advantage.load_state_dict(state["advantage"])
-        self.domain_vocab = list(state.get("domain_vocab", []))
+        self.domain_names = dict(state.get("domain_names", {}))
         self._engine_ready = False  # weights changed: the engine must be re-synced
 
 

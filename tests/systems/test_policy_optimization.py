@@ -93,7 +93,7 @@ def test_drpo_state_round_trips_through_checkpoint(tmp_path, datamodule) -> None
     state = torch.load(path, map_location="cpu", weights_only=True)
     restored = _system(tmp_path)
     restored.on_load_checkpoint(state)
-    assert restored.domain_vocab == system.domain_vocab
+    assert restored.domain_names == system.domain_names
     assert restored.advantage.state_dict().keys() == system.advantage.state_dict().keys()
     rewards = torch.tensor([1.0, 0.0, 0.5, 0.5])
     groups = torch.tensor([0, 0, 1, 1])
