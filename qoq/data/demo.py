@@ -330,6 +330,22 @@ DERMOSCOPY = Question(
     "generator (correct by construction)",
 )
 
+#: Every demo question, in domain order.
+QUESTIONS: tuple[Question, ...] = tuple(q for q in list(globals().values()) if isinstance(q, Question))
+
+
+def tokenizer_corpus() -> list[str]:
+    """The demo's question texts and label names, as training text for run-time tokenizers.
+
+    ``TinyLM(extra_corpus=qoq.data.demo.tokenizer_corpus)`` makes the tiny offline policies spell every
+    demo label in a few tokens (a pretrained tokenizer would), so a short SFT warm start learns them.
+    """
+    lines: list[str] = []
+    for q in QUESTIONS:
+        lines += [q.problem, *q.labels, *(f"\\boxed{{{label}}}" for label in q.labels)]
+    return lines * 5
+
+
 #: Header words (upper case) -> body region.
 _REGION_WORDS = {
     "HEAD": "head", "BRAIN": "head", "SKULL": "head", "CHEST": "chest", "THORAX": "chest",

@@ -13,6 +13,7 @@ Constructing a builder does no work (parsing any config stays cheap); ``build()`
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -68,7 +69,8 @@ class TinyLM(LMBuilder):
         tie_word_embeddings: share the input embedding and the LM head.
         dtype: parameter dtype ("float32", "bfloat16").
         seed: seed of the weight initialisation and of the tokenizer's generated corpus.
-        extra_corpus: additional tokenizer training text.
+        extra_corpus: additional tokenizer training text, or a function returning it (e.g.
+            ``qoq.data.demo.tokenizer_corpus``: the demo's questions and label names).
     """
 
     def __init__(
@@ -83,7 +85,7 @@ class TinyLM(LMBuilder):
         tie_word_embeddings: bool = True,
         dtype: str = "float32",
         seed: int = 0,
-        extra_corpus: tuple[str, ...] = (),
+        extra_corpus: Sequence[str] | Callable[[], Sequence[str]] = (),
     ) -> None:
         if hidden_size % num_heads or hidden_size // num_heads < 32:
             raise ValueError(
@@ -103,7 +105,7 @@ class TinyLM(LMBuilder):
         self.tie_word_embeddings = tie_word_embeddings
         self.dtype = dtype
         self.seed = seed
-        self.extra_corpus = tuple(extra_corpus)
+        self.extra_corpus = extra_corpus if callable(extra_corpus) else tuple(extra_corpus)
 
     def build(self, quantization_config: Any | None = None) -> BuiltLM:
         """Train the tokenizer and create the random-init ``Qwen2ForCausalLM``.
@@ -119,7 +121,8 @@ class TinyLM(LMBuilder):
 
         from qoq.models.tokenizer import IM_END, build_tokenizer
 
-        tokenizer = build_tokenizer(self.vocab_size, self.extra_corpus, seed=self.seed)
+        corpus = self.extra_corpus() if callable(self.extra_corpus) else self.extra_corpus
+        tokenizer = build_tokenizer(self.vocab_size, corpus, seed=self.seed)
         eos = [tokenizer.convert_tokens_to_ids(IM_END), tokenizer.eos_token_id]
         config = Qwen2Config(
             vocab_size=len(tokenizer),
