@@ -117,6 +117,7 @@ class RolloutBatch:
         response_mask: ``[N, R]`` bool, True on real response tokens (EOS included when sampled).
         texts: ``N`` decoded responses (special tokens removed).
         engine_logprobs: ``[N, R]`` float, the engine's log-prob of each sampled token, or None.
+        truncated: ``[N]`` bool, True where a response hit ``max_new_tokens`` without an EOS, or None.
     """
 
     prompt_index: Tensor
@@ -124,6 +125,7 @@ class RolloutBatch:
     response_mask: Tensor
     texts: list[str]
     engine_logprobs: Tensor | None = None
+    truncated: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.texts)

@@ -82,6 +82,12 @@ class RolloutEngine(Protocol):
         ...
 
 
+def unwrap_peft(model: Any) -> Any:
+    """The transformers model under a peft ``PeftModel`` wrapper (LoRA layers stay injected), else ``model``."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
+
+
 def check_sampling_params(params: SamplingParams) -> None:
     """Raise ``ValueError`` naming the field when ``params`` cannot be honoured by an engine."""
     if params.n < 1:

@@ -34,6 +34,7 @@ from qoq.rl.rollout.base import (
     check_prompt_embeds,
     check_sampling_params,
     resolve_special_ids,
+    unwrap_peft,
 )
 from qoq.types import RolloutBatch, SamplingParams
 
@@ -105,12 +106,13 @@ class HFEngine:
         """Bind the engine to the policy LM (``workdir`` is unused: no copy is made).
 
         Args:
-            model: the HF causal LM the trainer optimises.
+            model: the HF causal LM the trainer optimises (a peft wrapper is looked through).
             tokenizer: its tokenizer.
             workdir: unused.
             suppress_token_ids: token ids never to sample.
             eos_token_ids: ids that end a response; empty means the model's / tokenizer's EOS.
         """
+        model = unwrap_peft(model)
         self._model, self._tokenizer = model, tokenizer
         self._ids = resolve_special_ids(model, tokenizer, suppress_token_ids, eos_token_ids)
 
@@ -148,8 +150,11 @@ class HFEngine:
         tokens: list[list[int]] = []
         logprobs: list[list[float]] = []
         truncated: list[bool] = []
-        rng_devices = [device] if device.type == "cuda" else []
-        with _plain_generation(model), torch.random.fork_rng(devices=rng_devices), torch.no_grad():
+        # seeded: a private RNG stream; unseeded calls draw from (and advance) the global one
+        seeded = contextlib.nullcontext()
+        if params.seed is not None:
+            seeded = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+        with _plain_generation(model), seeded, torch.no_grad():
             if params.seed is not None:
                 torch.manual_seed(params.seed)
             for start in range(0, len(prompt_embeds), step):
@@ -161,6 +166,7 @@ class HFEngine:
                     embeds[row, length - emb.shape[0] :] = emb.to(device=device, dtype=dtype)
                     mask[row, length - emb.shape[0] :] = 1
                 recorder = _SampledTokenLogprobs()
+                # neutral: our processors do the warping (HF's global default would add top_k=50)
                 sampling = {"top_k": 0, "top_p": 1.0, "temperature": 1.0} if params.temperature > 0 else {}
                 seqs = model.generate(
                     inputs_embeds=embeds,

