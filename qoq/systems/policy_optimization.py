@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor
 
 from qoq import strategies
@@ -116,9 +117,13 @@ class PolicyOptimization(L.LightningModule):
         engine_dir: str | None = None,
     ) -> None:
         super().__init__()
-        # Components are objects: the checkpoint keeps their config (LightningCLI gives it) but never
-        # pickled objects, so checkpoints load with weights_only=True.
-        self.save_hyperparameters(ignore=["policy", "advantage", "reward", "rollout", "sampling", "eval_sampling", "loss"])
+        # Checkpoints keep the components' config, never pickled objects, so they load with
+        # weights_only=True: LightningCLI hands over the parsed config (with class paths, so
+        # `load_from_checkpoint` and `qoq test --ckpt_path` rebuild the model); built in Python, the
+        # component objects are left out and the dataclasses are stored as dicts.
+        from_config = _given_hyperparameters.get() is not None
+        objects = ["policy", "advantage", "reward", "rollout", "sampling", "eval_sampling", "loss"]
+        self.save_hyperparameters(ignore=None if from_config else objects)
         self.automatic_optimization = False
         self.policy = policy
         self.advantage = advantage if advantage is not None else DRPO()
@@ -143,6 +148,7 @@ class PolicyOptimization(L.LightningModule):
         self.last_rollout_trace: list[dict[str, Any]] | None = None
         self._configured = False
         self._engine_ready = False
+        self._resume_rng: dict[str, Tensor] | None = None  # RNG state of a loaded checkpoint, set before the next step
         self._eval_records: list[Any] = []
 
     # ------------------------------------------------------------------ construction
@@ -186,6 +192,11 @@ class PolicyOptimization(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self._ensure_engine()
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._resume_rng is not None:
+            strategies.set_rng_state(self._resume_rng)
+            self._resume_rng = None
 
     def on_validation_start(self) -> None:
         self._ensure_engine()
@@ -495,12 +506,15 @@ class PolicyOptimization(L.LightningModule):
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["qoq"] = {"advantage": self.advantage.state_dict(), "domain_names": dict(self.domain_names)}
+        checkpoint["qoq"]["rng"] = strategies.rng_state()  # exact resume (dropout etc.; sampling is seeded per step)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("qoq", {})
         if "advantage" in state:
             self.advantage.load_state_dict(state["advantage"])
         self.domain_names = dict(state.get("domain_names", {}))
+        # applied before the next training step: creating the resumed data iterator draws from the RNG
+        self._resume_rng = state.get("rng")
         self._engine_ready = False  # weights changed: the engine must be re-synced
 
 
