@@ -400,7 +400,8 @@ class VLLMEngine:
             detokenize=False,
         )
         prompts = [{"prompt_embeds": emb.detach().to("cpu")} for emb in prompt_embeds]
-        outputs = llm.generate(prompts, sampling, use_tqdm=False)
+        with _pinned_threads(self._threads):  # the worker runs at its own count; the caller's is restored
+            outputs = llm.generate(prompts, sampling, use_tqdm=False)
         tokens: list[list[int]] = []
         logprobs: list[list[float]] = []
         for output in outputs:  # prompt order
@@ -458,8 +459,9 @@ class VLLMEngine:
                 f"{'...' if len(missing) > 5 else ''}); the engine now holds a mix, push the full weights"
             )
         if self.verify_sync:
-            self._compare(local)
-            self._check_forward()
+            with _pinned_threads(self._threads):
+                self._compare(local)
+                self._check_forward()
         return SyncReport(
             seconds=time.perf_counter() - start,
             num_tensors=totals[0],
