@@ -4,7 +4,6 @@
 VENV ?= .venv
 QOQ = $(VENV)/bin/qoq
 PY = $(VENV)/bin/python
-RUN ?= runs/demo
 
 .PHONY: setup demo test test-slow test-gpu bench clean
 
@@ -12,8 +11,9 @@ setup:
 	@bash scripts/setup.sh $(VENV)
 
 demo: setup
-	$(QOQ) fit --config configs/demo.yaml --trainer.default_root_dir $(RUN)
-	$(QOQ) test --config configs/demo.yaml --trainer.default_root_dir $(RUN) --ckpt_path $(RUN)/checkpoints/last.ckpt
+	$(QOQ) fit --config configs/demo_sft.yaml
+	$(QOQ) fit --config configs/demo.yaml
+	$(QOQ) test --config configs/demo.yaml --ckpt_path runs/demo/checkpoints/last.ckpt
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider
