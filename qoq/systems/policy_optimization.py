@@ -138,6 +138,8 @@ class PolicyOptimization(L.LightningModule):
         self.ppo_epochs = ppo_epochs
         self.mini_batches = mini_batches
         self.micro_batch_size = micro_batch_size
+        if token_budget is not None and token_budget < 1:
+            raise ValueError(f"token_budget must be >= 1 or None, got {token_budget}")
         self.token_budget = token_budget
         self.domain_key = domain_key
         self.trace_every = trace_every
@@ -179,6 +181,8 @@ class PolicyOptimization(L.LightningModule):
         if self._engine_ready:
             return
         workdir = Path(self.engine_dir or Path(self.trainer.log_dir or self.trainer.default_root_dir) / "engine")
+        if self.trainer.world_size > 1:  # one engine per rank, each with its own copy of the LM
+            workdir = workdir / f"rank{self.trainer.global_rank}"
         with strategies.full_parameters(self.trainer.model):  # sharded weights: gathered for the engine
             self.rollout.setup(
                 self.policy.lm,

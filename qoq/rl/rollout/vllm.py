@@ -156,12 +156,60 @@ def _evenly(items: Sequence[Any], count: int) -> list[Any]:
 
 
 def _clean_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The model's HF-named weights: peft adapter tensors dropped, ``.base_layer`` name parts stripped."""
-    return {
-        name.replace(".base_layer.", "."): tensor
-        for name, tensor in model.state_dict().items()
-        if "lora_" not in name
+    """The model's HF-named weights: peft adapter tensors dropped, ``.base_layer`` name parts stripped.
+
+    A bitsandbytes 8/4-bit linear layer (QLoRA) gets a dense zero placeholder ``[out, in]`` instead of its
+    packed weight and quantization state: the engine runs it dense and the first sync pushes its values.
+    """
+    dtype = model.get_input_embeddings().weight.dtype
+    dense = {
+        f"{name}.weight".replace(".base_layer.", "."): torch.zeros(m.out_features, m.in_features, dtype=dtype)
+        for name, m in model.named_modules()
+        if type(m).__name__ in ("Linear4bit", "Linear8bitLt")
     }
+    quant_state = tuple(f"{n.removesuffix('.weight')}.{part}" for n in dense for part in ("weight.", "SCB"))
+    out = {}
+    for name, tensor in model.state_dict().items():
+        name = name.replace(".base_layer.", ".")
+        if "lora_" in name or name.startswith(quant_state) or (dense and name.endswith(".weight_format")):
+            continue
+        out[name] = dense.get(name, tensor)
+    return out
+
+
+def _save_hf_copy(model: Any, state: dict[str, Tensor], workdir: Path) -> None:
+    """Save the HF model folder vLLM starts from (config, generation config, weights), on any rank.
+
+    ``save_pretrained`` writes on global rank 0 only once ``torch.distributed`` is initialised, but under
+    data parallelism every rank runs its own engine from its own copy; and a quantized LM is saved dense
+    (no quantization config). Then the files are written directly (one ``model.safetensors``; a tied LM
+    head is left out, as ``save_pretrained`` does).
+    """
+    import copy
+
+    import torch.distributed as dist
+
+    quantized = getattr(model.config, "quantization_config", None) is not None
+    if not quantized and not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        model.save_pretrained(workdir, state_dict=dict(state))  # save_pretrained empties the dict it gets
+        return
+    from safetensors.torch import save_file
+
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
+    if quantized:  # the engine runs the dense placeholders of _clean_state_dict
+        del config.quantization_config
+    config.save_pretrained(workdir)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(workdir)
+    tensors: dict[str, Tensor] = {}
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key not in seen:  # tied weights share storage: keep the first name (the embedding)
+            seen.add(key)
+            tensors[name] = tensor.detach().contiguous()
+    save_file(tensors, str(workdir / "model.safetensors"), metadata={"format": "pt"})
 
 
 @contextlib.contextmanager
@@ -284,7 +332,7 @@ class VLLMEngine:
             self.close()
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(workdir, state_dict=dict(state))  # save_pretrained empties the dict it gets
+        _save_hf_copy(model, state, workdir)
         tokenizer.save_pretrained(workdir)
         self._expected_names = tuple(state)
         self._tied = self._tied_names(model)

@@ -1,0 +1,187 @@
+"""Helpers of the scale tests: a config overlay with a learning signal, run-folder readers, a rank-dump callback."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+ROOT = Path(__file__).resolve().parents[2]
+
+#: A random micro policy scores 0 on accuracy; the length term (0.001 per character) gives every response
+#: a distinct reward, so advantages, gradients and optimizer states are all non-trivial.
+SIGNAL = """
+model:
+  init_args:
+    reward:
+      class_path: qoq.rl.rewards.RewardFn
+      init_args:
+        weights: {accuracy: 0.5, format: 0.1, length: 0.4}
+    lr: 3.0e-3
+"""
+
+
+def write_signal(folder: Path) -> Path:
+    """Write the :data:`SIGNAL` overlay into ``folder``; returns its path."""
+    path = folder / "signal.yaml"
+    path.write_text(SIGNAL)
+    return path
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """One intra-op thread, as every test body runs (tests/conftest.py): module-scoped fixtures run
+    before that per-test setting, and results compared bit for bit must come from the same thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def base_args(*extra: str) -> list[str]:
+    """The smoke run (micro policy, HF rollouts, 2 samples x 16 tokens) plus ``extra`` arguments."""
+    return [
+        "--config", str(ROOT / "configs/demo.yaml"),
+        "--config", str(ROOT / "configs/smoke.yaml"),
+        "--config", str(ROOT / "configs/rollout/hf.yaml"),
+        *extra,
+    ]
+
+
+def metrics_by_step(run_dir: Path) -> dict[int, dict[str, str]]:
+    """``metrics.csv`` rows keyed by step (the training rows only)."""
+    rows = csv.DictReader(open(run_dir / "metrics.csv"))
+    return {int(r["step"]): r for r in rows if r.get("step") and r.get("train/reward")}
+
+
+def traces_by_step(run_dir: Path) -> dict[int, list[tuple[Any, ...]]]:
+    """Rollout traces keyed by global step: (prompt id, response, reward, advantage) per response."""
+    out: dict[int, list[tuple[Any, ...]]] = {}
+    for line in open(run_dir / "rollouts.jsonl"):
+        row = json.loads(line)
+        out.setdefault(row["global_step"], []).append(
+            (row["prompt_id"], row["response"], row["reward"], row["advantage"])
+        )
+    return out
+
+
+def load_ckpt(run_dir: Path) -> dict[str, Any]:
+    """``<run>/checkpoints/last.ckpt``, loaded with ``weights_only=True`` (no pickled objects allowed)."""
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+
+def nested_equal(a: Any, b: Any) -> bool:
+    """Exact equality of nested dicts / lists / tensors / scalars."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(nested_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(nested_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def state_digest(state: Any) -> str:
+    """SHA-256 of a nested state (dicts, lists, tensors, scalars), independent of tensor storage."""
+    digest = hashlib.sha256()
+
+    def feed(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            digest.update(f"T{x.dtype}{tuple(x.shape)}".encode())
+            digest.update(x.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, dict):
+            for k in sorted(x, key=str):
+                digest.update(f"K{k!r}".encode())
+                feed(x[k])
+        elif isinstance(x, (list, tuple)):
+            digest.update(f"L{len(x)}".encode())
+            for v in x:
+                feed(v)
+        else:
+            digest.update(f"V{x!r}".encode())
+
+    feed(state)
+    return digest.hexdigest()
+
+
+class _RecordingEstimator:
+    """Wraps an advantage estimator and keeps its last output (the global-batch advantages)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.last: torch.Tensor | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.inner(*args, **kwargs)
+        self.last = out.advantages.detach().cpu().clone()
+        return out
+
+    def __getattr__(self, name: str) -> Any:  # needs_kl, state_dict, load_state_dict, ...
+        return getattr(self.inner, name)
+
+
+class RankDump(Callback):
+    """Test callback: each rank appends one JSON line per step to ``<root>/rank<r>.jsonl``.
+
+    The line holds the advantages the estimator computed over the global (all-gathered) batch and a
+    digest of the estimator's state (DRPO's DomainStats) after the step.
+    """
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        pl_module.advantage = _RecordingEstimator(pl_module.advantage)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        est = pl_module.advantage
+        row = {
+            "step": trainer.global_step,
+            "world_size": trainer.world_size,
+            "advantages": est.last.tolist() if est.last is not None else None,
+            "state": state_digest(est.state_dict()),
+        }
+        path = Path(trainer.default_root_dir) / f"rank{trainer.global_rank}.jsonl"
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def text_batch(texts: list[str], domains: list[str]) -> "PromptBatch":
+    """A text-only PromptBatch (answer "normal" of labels normal / abnormal) for system-level tests."""
+    from qoq.types import PromptBatch, RewardTarget
+
+    return PromptBatch(
+        ids=[f"rec-{i}" for i in range(len(texts))],
+        texts=list(texts),
+        modalities={},
+        targets=[RewardTarget(answer=("normal",), labels=("normal", "abnormal")) for _ in texts],
+        domains=list(domains),
+        datasets=list(domains),
+        domain_ids=torch.zeros(len(texts), dtype=torch.long),
+    )
+
+
+def fit_system(system: Any, batches: list[Any], steps: int) -> Any:
+    """Run ``steps`` RL steps of a ``PolicyOptimization`` on CPU (no logger files); returns the trainer."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=None,
+    )
+    stream = [batches[i % len(batches)] for i in range(steps)]
+    trainer.fit(system, DataLoader(stream, batch_size=None, collate_fn=lambda b: b))
+    return trainer
