@@ -148,6 +148,7 @@ class PolicyOptimization(L.LightningModule):
         self.reference: Policy | None = None
         self.domain_names: dict[int, str] = {}  # DRPO domain id -> key, for logging; saved in checkpoints
         self.last_rollout_trace: list[dict[str, Any]] | None = None
+        self._step_keys: set[str] = set()  # every per-step metric name logged so far
         self._configured = False
         self._engine_ready = False
         self._resume_rng: dict[str, Tensor] | None = None  # RNG state of a loaded checkpoint, set before the next step
@@ -454,6 +455,10 @@ class PolicyOptimization(L.LightningModule):
         if total > 0:
             for k, v in timers.items():
                 logs[f"time_share/{k}"] = v / total
+        # Per-domain keys are absent on steps without that domain: log NaN there, or Lightning's result
+        # collection would repeat the domain's last value.
+        self._step_keys.update(logs)
+        logs.update({k: float("nan") for k in self._step_keys - logs.keys()})
         self.log_dict({k: float(v) for k, v in logs.items()}, on_step=True, batch_size=len(batch))
         self.log("reward", rewards.mean(), prog_bar=True, on_step=True, logger=False, batch_size=len(batch))
 
