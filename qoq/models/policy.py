@@ -425,12 +425,16 @@ class Policy(L.LightningModule):
 
         With LoRA, each adapted weight is yielded merged (``W + B A * scale``, computed aside: the module is
         never merged in place); adapter tensors are left out and peft's name parts stripped. Tied weights
-        appear under both names (``lm_head.weight`` too). A quantized (QLoRA) LM's 8/4-bit weights are
-        yielded dequantized to the embeddings' dtype, without their quantization state.
+        appear under both names (``lm_head.weight`` too).
+
+        Raises:
+            NotImplementedError: for a quantized LM.
         """
+        if self.quantization is not None:
+            raise NotImplementedError(
+                "lm_weights_for_sync: a quantized LM cannot be synced; use the HF engine"
+            )
         base = self.base_model
-        dense = _dequantized_weights(base) if self.quantization is not None else {}  # HF name -> [out, in]
-        quant_state = tuple(f"{n.removesuffix('.weight')}.{part}" for n in dense for part in ("weight.", "SCB"))
         deltas: dict[str, Tensor] = {}
         if self.lora is not None:
             from peft.tuners.lora import LoraLayer
@@ -448,9 +452,6 @@ class Policy(L.LightningModule):
             if "lora_" in name:
                 continue
             name = name.replace(".base_layer.", ".")
-            if name.startswith(quant_state) or name.endswith(".weight_format"):
-                continue  # bitsandbytes' quantization state of a weight yielded dequantized
-            tensor = dense.get(name, tensor)
             tensor = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # FSDP2 DTensor
             if name in deltas:
                 tensor = tensor + deltas[name].to(tensor.dtype)
@@ -515,23 +516,6 @@ class Policy(L.LightningModule):
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
         ]
         return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr)
-
-
-def _dequantized_weights(model: nn.Module) -> dict[str, Tensor]:
-    """HF weight name -> dense weight ``[out, in]`` of every bitsandbytes 8/4-bit linear layer in ``model``."""
-    import bitsandbytes as bnb
-
-    dtype = model.get_input_embeddings().weight.dtype
-    out = {}
-    for name, module in model.named_modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
-        elif isinstance(module, bnb.nn.Linear8bitLt):  # int8 rows with per-row absmax scales (SCB)
-            weight = bnb.functional.int8_vectorwise_dequant(module.weight.data, module.weight.SCB)
-        else:
-            continue
-        out[f"{name}.weight".replace(".base_layer.", ".")] = weight.to(dtype)
-    return out
 
 
 def _ids_of(batch: PromptBatch, owner: Tensor) -> list[str]:

@@ -167,7 +167,7 @@ def text_batch(texts: list[str], domains: list[str]) -> "PromptBatch":
     )
 
 
-def fit_system(system: Any, batches: list[Any], steps: int) -> Any:
+def fit_system(system: Any, batches: list[Any], steps: int, callbacks: list[Any] = ()) -> Any:
     """Run ``steps`` RL steps of a ``PolicyOptimization`` on CPU (no logger files); returns the trainer."""
     import lightning as L
     from torch.utils.data import DataLoader
@@ -180,7 +180,7 @@ def fit_system(system: Any, batches: list[Any], steps: int) -> Any:
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        default_root_dir=None,
+        callbacks=list(callbacks),
     )
     stream = [batches[i % len(batches)] for i in range(steps)]
     trainer.fit(system, DataLoader(stream, batch_size=None, collate_fn=lambda b: b))

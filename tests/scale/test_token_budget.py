@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import lightning as L
 import pytest
 import torch
 from scale_helpers import fit_system, text_batch
@@ -40,7 +41,17 @@ def test_rows_are_packed_by_padded_tokens():
     assert _split(None, 3, lengths, index, 6) == [[0, 1, 2], [3]]
 
 
-def _trained_weights(token_budget):
+class _GradCapture(L.Callback):
+    """Keeps the policy's gradients as the optimizer step sees them (summed over the micro-batches)."""
+
+    def __init__(self) -> None:
+        self.grads: dict[str, torch.Tensor] = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.grads = {n: p.grad.clone() for n, p in pl_module.policy.named_parameters() if p.grad is not None}
+
+
+def _step_gradients(token_budget):
     system = PolicyOptimization(
         Policy(TinyLM(**TINY), system_prompt=None),
         advantage=GRPO(),
@@ -48,20 +59,19 @@ def _trained_weights(token_budget):
         rollout=HFEngine(),
         sampling=SamplingParams(n=3, max_new_tokens=6, seed=0),
         token_budget=token_budget,
-        lr=0.01,
         grad_clip=0.0,
     )
     batch = text_batch(["Short?", "A much longer question about the chest x-ray findings?"], ["ct", "mri"])
-    fit_system(system, [batch], steps=1)
-    return {n: p.detach().clone() for n, p in system.policy.named_parameters()}
+    capture = _GradCapture()
+    fit_system(system, [batch], steps=1, callbacks=[capture])
+    return capture.grads
 
 
-def test_a_token_budget_gives_the_update_of_one_whole_pass():
-    initial = dict(Policy(TinyLM(**TINY), system_prompt=None).build().named_parameters())
-    whole, split = _trained_weights(None), _trained_weights(40)
-    assert any(not torch.equal(whole[n], initial[n]) for n in whole), "the update changed nothing"
+def test_a_token_budget_gives_the_gradient_of_one_whole_pass():
+    whole, split = _step_gradients(None), _step_gradients(40)
+    assert whole.keys() == split.keys() and any(g.abs().max() > 0 for g in whole.values())
     for name in whole:
-        torch.testing.assert_close(split[name], whole[name], atol=2e-6, rtol=1e-5, msg=name)
+        torch.testing.assert_close(split[name], whole[name], atol=1e-7, rtol=1e-4)
 
 
 @pytest.mark.parametrize("budget", [0, -5])
