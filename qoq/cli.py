@@ -48,7 +48,8 @@ def _cli_class():
     class QoQCLI(LightningCLI):
         """LightningCLI whose runs each live in one folder, ``trainer.default_root_dir``.
 
-        Unless a logger is configured, metrics go to ``<root>/metrics.csv`` (CSVLogger), checkpoints to
+        Unless a logger is configured, metrics go to ``<root>/metrics.csv`` (:class:`qoq.loggers.RunLogger`;
+        a run given ``--ckpt_path`` appends to it), checkpoints to
         ``<root>/checkpoints/``, the parsed config to ``<root>/config.yaml`` and reports to ``<root>/reports/``.
         """
 
@@ -57,8 +58,13 @@ def _cli_class():
             trainer = cfg.trainer
             if trainer.logger in (None, True):
                 trainer.logger = Namespace(
-                    class_path="lightning.pytorch.loggers.CSVLogger",
-                    init_args=Namespace(save_dir=trainer.default_root_dir or ".", name="", version=""),
+                    class_path="qoq.loggers.RunLogger",
+                    init_args=Namespace(
+                        save_dir=trainer.default_root_dir or ".",
+                        name="",
+                        version="",
+                        keep_existing=bool(cfg.get("ckpt_path")),
+                    ),
                 )
 
     return QoQCLI
@@ -87,7 +93,9 @@ def run(argv: list[str]):
 
     for message in _BENIGN_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
-    saved_argv, sys.argv = sys.argv, sys.argv[:1]  # the arguments are `argv`, not the process's
+    # The arguments are `argv`, not the process's; ranks that Lightning spawns re-run sys.argv, so it
+    # must carry them too.
+    saved_argv, sys.argv = sys.argv, [sys.argv[0], *argv]
     try:
         return _cli_class()(
             LightningModule,

@@ -9,6 +9,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
+from qoq.callbacks.traces import run_dir
+
 
 class RewardCurve(L.Callback):
     """Record logged training scalars per step; at the end of ``fit`` print how the reward moved and plot it.
@@ -57,7 +59,7 @@ class RewardCurve(L.Callback):
             f"[qoq] {self.keys[0]}: start {s['start']:.3f} -> end {s['end']:.3f} "
             f"(mean of first / last {self.window:.0%} of {int(s['steps'])} steps)"
         )
-        out = Path(self.out_dir or trainer.log_dir or trainer.default_root_dir)
+        out = Path(self.out_dir) if self.out_dir else run_dir(trainer)
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "reward_curve.csv", "w", newline="") as fh:
             writer = csv.writer(fh)

@@ -25,6 +25,7 @@ from qoq.callbacks.metrics import (
     merge_label_spaces,
 )
 from qoq.callbacks.report import write_report
+from qoq.callbacks.traces import run_dir
 
 
 class ClinicalMetricsCallback(L.Callback):
@@ -182,11 +183,7 @@ class ClinicalMetricsCallback(L.Callback):
         return ClinicalMetrics(space, split=split, undefined_labels=self.undefined_labels)
 
     def _report_path(self, trainer: L.Trainer, split: str) -> Path:
-        root = (
-            Path(self.report_dir)
-            if self.report_dir
-            else Path(trainer.log_dir or trainer.default_root_dir) / "reports"
-        )
+        root = Path(self.report_dir) if self.report_dir else run_dir(trainer) / "reports"
         return root / f"{split}-step{trainer.global_step}"
 
 

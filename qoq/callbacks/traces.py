@@ -102,6 +102,17 @@ def write_traces(path: str | Path, records: Iterable[EvalRecord]) -> int:
     return write_jsonl(path, (record_to_json(r) for r in records))
 
 
+def run_dir(trainer: L.Trainer) -> Path:
+    """The run's folder: the logger's log dir, else ``trainer.default_root_dir``.
+
+    Unlike ``trainer.log_dir``, which broadcasts from rank 0 (a collective), this is safe to call on one
+    rank only.
+    """
+    logger = trainer.logger
+    folder = (getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)) if logger else None
+    return Path(folder or trainer.default_root_dir)
+
+
 class RolloutTraceWriter(L.Callback):
     """Appends sampled training rollouts to a JSONL file.
 
@@ -137,7 +148,7 @@ class RolloutTraceWriter(L.Callback):
 
     def path(self, trainer: L.Trainer) -> Path:
         """The output file for ``trainer``'s run."""
-        return Path(self.dirpath or trainer.log_dir or trainer.default_root_dir) / self.filename
+        return (Path(self.dirpath) if self.dirpath else run_dir(trainer)) / self.filename
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
@@ -153,4 +164,4 @@ class RolloutTraceWriter(L.Callback):
             write_jsonl(self.path(trainer), ({"global_step": step, **row} for row in rows), append=True)
 
 
-__all__ = ["RolloutTraceWriter", "record_to_json", "to_jsonable", "write_jsonl", "write_traces"]
+__all__ = ["RolloutTraceWriter", "record_to_json", "run_dir", "to_jsonable", "write_jsonl", "write_traces"]
