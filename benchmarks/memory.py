@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from typing_extensions import Self
+
 from benchmarks.common import (
     PROMPTS,
     TextReward,
@@ -69,14 +71,19 @@ class Grid:
 
 
 FULL = Grid(
-    lm=dict(hidden_size=256, num_layers=6, num_heads=4, num_kv_heads=2),
+    lm={"hidden_size": 256, "num_layers": 6, "num_heads": 4, "num_kv_heads": 2},
     prompts=(4, 8, 16),
     n=4,
     lengths=(32, 128),
     budgets=(None, 2048),
 )
-SMOKE = Grid(lm=dict(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1), prompts=(2,), n=2, lengths=(8,),
-             budgets=(None, 64))
+SMOKE = Grid(
+    lm={"hidden_size": 64, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1},
+    prompts=(2,),
+    n=2,
+    lengths=(8,),
+    budgets=(None, 64),
+)
 
 
 def _rss_bytes() -> int:
@@ -107,13 +114,13 @@ class PhaseMemory:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> PhaseMemory:
+    def __enter__(self) -> Self:
         if not self.cuda:
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
@@ -176,7 +183,9 @@ def _instrument(system: Any, memory: PhaseMemory) -> None:
     system._update = timed_update
 
 
-def measure(lm: dict[str, int], prompts: int, n: int, length: int, token_budget: int | None, steps: int) -> dict[str, Any]:
+def measure(
+    lm: dict[str, int], prompts: int, n: int, length: int, token_budget: int | None, steps: int
+) -> dict[str, Any]:
     """Peak memory per phase of the last of ``steps`` GRPO steps of one configuration.
 
     Args:
@@ -229,15 +238,24 @@ def measure(lm: dict[str, int], prompts: int, n: int, length: int, token_budget:
             return out
 
         system._micro_batches = counted
+
         class LastStepOnly(L.Callback):
             def on_train_batch_start(self, *args: Any) -> None:
                 memory.peaks.clear()
                 memory.absolute.clear()
 
         trainer = L.Trainer(
-            accelerator="gpu" if cuda else "cpu", devices=1, max_steps=steps, logger=False,
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=tmp, callbacks=[LastStepOnly()],
+            accelerator="gpu" if cuda else "cpu",
+            devices=1,
+            max_steps=steps,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+            default_root_dir=tmp,
+            callbacks=[LastStepOnly()],
         )
         trainer.fit(system, DataLoader([batch] * steps, batch_size=None, collate_fn=lambda b: b))
     return {
@@ -279,8 +297,9 @@ def render(results: dict[str, Any]) -> str:
         }
         for r in rows
     ]
-    return f"Peak memory per phase ({unit} above the phase start; policy {results['grid']['lm']})\n\n" + markdown_table(
-        table
+    return (
+        f"Peak memory per phase ({unit} above the phase start; policy {results['grid']['lm']})\n\n"
+        + markdown_table(table)
     )
 
 

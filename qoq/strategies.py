@@ -2,17 +2,18 @@
 
 Lightning's ``FSDPStrategy`` needs an auto-wrap policy (which module classes become FSDP units), a
 mixed-precision config and activation-checkpointing classes, all as Python objects. :class:`PolicyFSDPStrategy`
-takes them as plain config values and finds the layer classes itself: every decoder layer the HF models
-in the module declare (``_no_split_modules``: Qwen2 / Qwen2.5-VL decoder layers, Qwen2.5-VL vision blocks)
+takes them as plain config values and finds the layer classes itself: every layer class the HF models in
+the module declare (``_no_split_modules``: Qwen2 / Qwen2.5-VL decoder layers, Qwen2.5-VL vision blocks)
 and the encoders' transformer blocks (timm ViT ``Block``, ``nn.TransformerEncoderLayer``).
 
-:class:`CPUFSDPStrategy` is the same code on CPU processes with gloo (Lightning's own FSDP refuses CPU),
-so the sharded path is tested on every machine: ``qoq fit ... --trainer.devices 2
---trainer.strategy qoq.strategies.CPUFSDPStrategy``.
+:class:`CPUFSDPStrategy` is the same code on CPU processes with gloo (Lightning's own FSDP refuses CPU), so
+the sharded path is tested on every machine (``configs/trainer/fsdp_cpu.yaml``, launched with
+``torchrun --nproc_per_node 2 -m qoq.cli fit ...``).
 
-The helpers here are what the RL system needs to run under either strategy or none:
-:func:`clip_grad_norm` (the global norm over shards), :func:`full_weights` (gather full parameters for
-the rollout engine's weight sync, unit by unit).
+The helpers are what the RL system needs to run under either strategy or none: :func:`root_call` (a
+gradient pass as a forward of the sharded root), :func:`clip_grad_norm` (the global norm over shards),
+:func:`full_parameters` (whole parameters for the rollout engine's weight sync), and :func:`rng_state` /
+:func:`set_rng_state` (the RNG streams a checkpoint keeps for exact resume). docs/SCALING.md has the why.
 """
 
 from __future__ import annotations
@@ -40,13 +41,15 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 def _import_class(path: str) -> type[nn.Module]:
     module, _, name = path.rpartition(".")
     if not module:
-        raise ValueError(f"layer class {path!r}: give the qualified name, e.g. 'timm.models.vision_transformer.Block'")
+        raise ValueError(
+            f"layer class {path!r}: give the qualified name, e.g. 'timm.models.vision_transformer.Block'"
+        )
     try:
         cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as err:
         raise ValueError(f"layer class {path!r} cannot be imported: {err}") from err
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise ValueError(f"layer class {path!r} is not an nn.Module subclass")
+        raise TypeError(f"layer class {path!r} is not an nn.Module subclass")
     return cls
 
 
@@ -63,6 +66,7 @@ def layer_classes(model: nn.Module, extra: Sequence[str] = ()) -> set[type[nn.Mo
 
     Raises:
         ValueError: a name in ``extra`` cannot be imported, or ``model`` holds none of the classes.
+        TypeError: a name in ``extra`` is not an ``nn.Module`` class.
     """
     no_split: set[str] = set()
     for module in model.modules():
@@ -218,8 +222,11 @@ class CPUFSDPStrategy(PolicyFSDPStrategy):
         )
 
     def _setup_model(self, model: nn.Module) -> nn.Module:
+        from lightning.fabric.strategies.fsdp import (
+            _move_torchmetrics_to_device,
+            _setup_activation_checkpointing,
+        )
         from torch.distributed.fsdp import FullyShardedDataParallel
-        from lightning.fabric.strategies.fsdp import _move_torchmetrics_to_device, _setup_activation_checkpointing
 
         self._wrap_kwargs(model)
         if not any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
@@ -252,7 +259,9 @@ class CPUFSDPStrategy(PolicyFSDPStrategy):
         with _full_state_dict_context(self.model):
             state = FullyShardedDataParallel.optim_state_dict(self.model, optimizer)
             if self.global_rank == 0:  # the standard (parameter-id keyed) layout, as Lightning saves it
-                state = FullyShardedDataParallel.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_ID, self.model)
+                state = FullyShardedDataParallel.rekey_optim_state_dict(
+                    state, OptimStateKeyType.PARAM_ID, self.model
+                )
             return state
 
 

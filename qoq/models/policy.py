@@ -425,16 +425,12 @@ class Policy(L.LightningModule):
 
         With LoRA, each adapted weight is yielded merged (``W + B A * scale``, computed aside: the module is
         never merged in place); adapter tensors are left out and peft's name parts stripped. Tied weights
-        appear under both names (``lm_head.weight`` too).
-
-        Raises:
-            NotImplementedError: for a quantized LM.
+        appear under both names (``lm_head.weight`` too). A quantized (QLoRA) LM's 8/4-bit weights are
+        yielded dequantized to the embeddings' dtype, without their quantization state.
         """
-        if self.quantization is not None:
-            raise NotImplementedError(
-                "lm_weights_for_sync: a quantized LM cannot be synced; use the HF engine"
-            )
         base = self.base_model
+        dense = _dequantized_weights(base) if self.quantization is not None else {}  # HF name -> [out, in]
+        quant_state = tuple(f"{n.removesuffix('.weight')}.{part}" for n in dense for part in ("weight.", "SCB"))
         deltas: dict[str, Tensor] = {}
         if self.lora is not None:
             from peft.tuners.lora import LoraLayer
@@ -452,6 +448,9 @@ class Policy(L.LightningModule):
             if "lora_" in name:
                 continue
             name = name.replace(".base_layer.", ".")
+            if name.startswith(quant_state) or (dense and name.endswith(".weight_format")):
+                continue  # bitsandbytes' quantization state of a weight yielded dequantized
+            tensor = dense.get(name, tensor)
             tensor = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # FSDP2 DTensor
             if name in deltas:
                 tensor = tensor + deltas[name].to(tensor.dtype)
@@ -516,6 +515,35 @@ class Policy(L.LightningModule):
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
         ]
         return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr)
+
+
+def _dequantized_weights(model: nn.Module) -> dict[str, Tensor]:
+    """HF weight name -> dense weight ``[out, in]`` of every bitsandbytes 8/4-bit linear layer in ``model``.
+
+    A layer whose weight is not quantized yet (bitsandbytes quantizes on the first move to a device) gives
+    its weight as it is.
+
+    Raises:
+        RuntimeError: an int8 weight without its row scales.
+    """
+    import bitsandbytes as bnb
+
+    dtype = model.get_input_embeddings().weight.dtype
+    out = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, bnb.nn.Linear4bit) and getattr(weight, "quant_state", None) is not None:
+            weight = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+        elif isinstance(module, bnb.nn.Linear8bitLt) and weight.dtype == torch.int8:
+            scales = getattr(weight, "SCB", None)
+            scales = scales if scales is not None else getattr(module.state, "SCB", None)
+            if scales is None:
+                raise RuntimeError(f"lm_weights_for_sync: {name} holds int8 weights without their scales (SCB)")
+            weight = bnb.functional.int8_vectorwise_dequant(weight.data, scales)  # rows x absmax / 127
+        elif not isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+            continue
+        out[f"{name}.weight".replace(".base_layer.", ".")] = weight.detach().to(dtype)
+    return out
 
 
 def _ids_of(batch: PromptBatch, owner: Tensor) -> list[str]:

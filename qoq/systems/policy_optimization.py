@@ -256,9 +256,8 @@ class PolicyOptimization(L.LightningModule):
         with clock("update"):
             update_metrics = self._update(batch, rollout, old_logp, ref_logp, advantages, [len(e) for e in embeds])
 
-        with clock("sync"):
-            with strategies.full_parameters(self.trainer.model):
-                report = self.rollout.sync_weights(self.policy.lm_weights_for_sync())
+        with clock("sync"), strategies.full_parameters(self.trainer.model):  # sharded weights: gathered
+            report = self.rollout.sync_weights(self.policy.lm_weights_for_sync())
 
         self._log_step(batch, rollout, scored, rewards, advantages, adv_out.metrics, keys, old_logp, update_metrics,
                        report, timers)

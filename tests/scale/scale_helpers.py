@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from qoq.types import PromptBatch, RewardTarget
+
 ROOT = Path(__file__).resolve().parents[2]
 
 #: A random micro policy scores 0 on accuracy; the length term (0.001 per character) gives every response
@@ -50,23 +52,26 @@ def one_thread() -> Iterator[None]:
 def base_args(*extra: str) -> list[str]:
     """The smoke run (micro policy, HF rollouts, 2 samples x 16 tokens) plus ``extra`` arguments."""
     return [
-        "--config", str(ROOT / "configs/demo.yaml"),
-        "--config", str(ROOT / "configs/smoke.yaml"),
-        "--config", str(ROOT / "configs/rollout/hf.yaml"),
+        "--config",
+        str(ROOT / "configs/demo.yaml"),
+        "--config",
+        str(ROOT / "configs/smoke.yaml"),
+        "--config",
+        str(ROOT / "configs/rollout/hf.yaml"),
         *extra,
     ]
 
 
 def metrics_by_step(run_dir: Path) -> dict[int, dict[str, str]]:
     """``metrics.csv`` rows keyed by step (the training rows only)."""
-    rows = csv.DictReader(open(run_dir / "metrics.csv"))
+    rows = csv.DictReader((run_dir / "metrics.csv").read_text().splitlines())
     return {int(r["step"]): r for r in rows if r.get("step") and r.get("train/reward")}
 
 
 def traces_by_step(run_dir: Path) -> dict[int, list[tuple[Any, ...]]]:
     """Rollout traces keyed by global step: (prompt id, response, reward, advantage) per response."""
     out: dict[int, list[tuple[Any, ...]]] = {}
-    for line in open(run_dir / "rollouts.jsonl"):
+    for line in (run_dir / "rollouts.jsonl").read_text().splitlines():
         row = json.loads(line)
         out.setdefault(row["global_step"], []).append(
             (row["prompt_id"], row["response"], row["reward"], row["advantage"])
@@ -139,7 +144,9 @@ class RankDump(Callback):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         pl_module.advantage = _RecordingEstimator(pl_module.advantage)
 
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         est = pl_module.advantage
         row = {
             "step": trainer.global_step,
@@ -152,10 +159,8 @@ class RankDump(Callback):
             f.write(json.dumps(row) + "\n")
 
 
-def text_batch(texts: list[str], domains: list[str]) -> "PromptBatch":
+def text_batch(texts: list[str], domains: list[str]) -> PromptBatch:
     """A text-only PromptBatch (answer "normal" of labels normal / abnormal) for system-level tests."""
-    from qoq.types import PromptBatch, RewardTarget
-
     return PromptBatch(
         ids=[f"rec-{i}" for i in range(len(texts))],
         texts=list(texts),

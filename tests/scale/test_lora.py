@@ -1,5 +1,5 @@
 """LoRA and QLoRA RL: only adapters train, the reference is the base (adapters off, no copy), rollout
-engines get merged weights, and the 8-bit AdamW optimizer steps."""
+engines get merged (and, for QLoRA, dequantized) weights, and the 8-bit AdamW optimizer steps."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from qoq.systems import PolicyOptimization
 from qoq.systems.policy_optimization import LossConfig
 from qoq.types import SamplingParams
 
-TINY = dict(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1)
-LORA = dict(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
+TINY = {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1}
+LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "down_proj"]}
 BATCHES = [
     text_batch(["Is this chest x-ray normal?", "Describe the ECG."], ["chest_xray", "ecg"]),
     text_batch(["Any fracture?", "Is the fundus normal?"], ["ct", "fundus"]),
@@ -46,7 +46,8 @@ def _randomise_adapters(policy: Policy) -> None:
 
 
 @pytest.mark.parametrize(
-    ("quantization", "optimizer"), [(None, "adamw"), (None, "adamw8bit")]
+    ("quantization", "optimizer"),
+    [(None, "adamw"), ("4bit", "adamw"), (None, "adamw8bit"), ("8bit", "adamw8bit")],
 )
 def test_rl_steps_change_only_the_adapters(quantization, optimizer):
     system = _system(quantization, optimizer)
@@ -55,7 +56,9 @@ def test_rl_steps_change_only_the_adapters(quantization, optimizer):
     before = {n: p.detach().clone() for n, p in system.named_parameters()}
     before |= {n: b.detach().clone() for n, b in system.named_buffers()}
     trainer = fit_system(system, BATCHES, steps=2)
-    changed = {n for n, p in [*system.named_parameters(), *system.named_buffers()] if not torch.equal(p, before[n])}
+    changed = {
+        n for n, p in [*system.named_parameters(), *system.named_buffers()] if not torch.equal(p, before[n])
+    }
     assert changed, "nothing trained"
     assert all(".lora_A." in n or ".lora_B." in n for n in changed), sorted(changed)[:5]
     assert {n for n in changed if ".lora_A." in n}, "lora_A never moved"
@@ -77,7 +80,26 @@ def test_reference_logprobs_come_from_the_base_model():
         torch.testing.assert_close(system.policy.lm(ids).logits, base(ids).logits)
 
 
-@pytest.mark.parametrize("quantization", [None])
+@pytest.mark.parametrize("bits", ["8bit", "4bit"])
+def test_quantized_sync_weights_are_dequantized_and_merged(bits):
+    """A dense model built from the pushed weights computes what the QLoRA policy computes."""
+    policy = Policy(TinyLM(**TINY), lora=LORA, quantization=bits, system_prompt=None).build()
+    _randomise_adapters(policy)
+    weights = dict(policy.lm_weights_for_sync())  # before any forward pass
+    assert not any("absmax" in n or "quant" in n or n.endswith(".SCB") or "lora_" in n for n in weights)
+    config = {k: v for k, v in policy.base_model.config.to_dict().items() if k != "quantization_config"}
+    dense = Qwen2ForCausalLM(policy.base_model.config.__class__(**config))
+    missing, unexpected = dense.load_state_dict(weights, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    ids = torch.randint(3, 400, (2, 9))
+    with torch.no_grad():
+        got, want = dense(ids).logits, policy.lm(ids).logits
+    # the 4/8-bit layers dequantize and multiply in the compute dtype: equal up to summation order
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("quantization", [None, "4bit"])
 def test_vllm_greedy_output_matches_the_trainer_after_a_merged_sync(quantization, tmp_path):
     from qoq.rl.rollout import VLLMEngine
 

@@ -18,6 +18,8 @@ def test_memory_benchmark_smoke():
         assert all(math.isfinite(row["mib"][p]) and row["mib"][p] >= 0 for p in memory.PHASES), row
         assert row["peak_mib"]["update"] > 0
     whole, budgeted = rows
-    assert whole["backward_passes"] == 1 and budgeted["backward_passes"] == 4  # 2 prompts x 2 responses, 1 row per pass
+    assert (
+        whole["backward_passes"] == 1 and budgeted["backward_passes"] == 4
+    )  # 2 prompts x 2 responses, 1 row per pass
     text = memory.render(results)
     assert "| 2 x 2 | 8 |" in text and "update MiB" in text

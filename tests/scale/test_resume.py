@@ -40,11 +40,15 @@ def _assert_same_steps(full: Path, resumed: Path, steps: tuple[int, ...]) -> Non
     a, b = metrics_by_step(full), metrics_by_step(resumed)
     assert set(b) >= set(steps), f"the resumed run logged steps {sorted(b)}"
     for step in steps:
-        keys = [k for k in b[step] if k.startswith("train/") and not k.startswith(_TIMING) and b[step][k] != ""]
+        keys = [
+            k for k in b[step] if k.startswith("train/") and not k.startswith(_TIMING) and b[step][k] != ""
+        ]
         assert len(keys) > 20
         diffs = {k: (a[step][k], b[step][k]) for k in keys if a[step].get(k) != b[step][k]}
         assert not diffs, f"step {step} differs after resume: {diffs}"
-    assert float(a[steps[-1]]["train/grad_norm"]) > 1e-3, "no learning signal: the comparison would be vacuous"
+    assert float(a[steps[-1]]["train/grad_norm"]) > 1e-3, (
+        "no learning signal: the comparison would be vacuous"
+    )
     ta, tb = traces_by_step(full), traces_by_step(resumed)
     for step in steps:  # traces are keyed by the step count after the update
         assert ta[step + 1] == tb[step + 1], f"rollouts / rewards / advantages of step {step} differ"
@@ -82,8 +86,18 @@ def test_restart_from_mid_run_checkpoint_is_exact(setup_files, full_run):
     tmp, args = setup_files
     step2 = next((full_run / "checkpoints").glob("*step=2.ckpt"))
     resumed = tmp / "resumed"
-    run(["fit", *args, "--trainer.default_root_dir", str(resumed), "--trainer.max_steps", "4",
-         "--ckpt_path", str(step2)])
+    run(
+        [
+            "fit",
+            *args,
+            "--trainer.default_root_dir",
+            str(resumed),
+            "--trainer.max_steps",
+            "4",
+            "--ckpt_path",
+            str(step2),
+        ]
+    )
     _assert_same_steps(full_run, resumed, (2, 3))
     _assert_same_checkpoints(full_run, resumed)
 
@@ -94,6 +108,17 @@ def test_stop_then_ckpt_path_last_is_exact(setup_files, full_run):
     tmp, args = setup_files
     part = tmp / "part"
     run(["fit", *args, "--trainer.default_root_dir", str(part), "--trainer.max_steps", "2"])
-    run(["fit", *args, "--trainer.default_root_dir", str(part), "--trainer.max_steps", "4", "--ckpt_path", "last"])
+    run(
+        [
+            "fit",
+            *args,
+            "--trainer.default_root_dir",
+            str(part),
+            "--trainer.max_steps",
+            "4",
+            "--ckpt_path",
+            "last",
+        ]
+    )
     _assert_same_steps(full_run, part, (2, 3))
     _assert_same_checkpoints(full_run, part)

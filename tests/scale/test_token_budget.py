@@ -14,11 +14,13 @@ from qoq.rl.rollout import HFEngine
 from qoq.systems import PolicyOptimization
 from qoq.types import RolloutBatch, SamplingParams
 
-TINY = dict(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1)
+TINY = {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1}
 
 
 def _split(token_budget, micro_batch_size, prompt_lengths, prompt_index, width):
-    system = PolicyOptimization(Policy(TinyLM(**TINY)), token_budget=token_budget, micro_batch_size=micro_batch_size)
+    system = PolicyOptimization(
+        Policy(TinyLM(**TINY)), token_budget=token_budget, micro_batch_size=micro_batch_size
+    )
     n = len(prompt_index)
     rollout = RolloutBatch(
         prompt_index=torch.tensor(prompt_index),
