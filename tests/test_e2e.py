@@ -50,8 +50,12 @@ def test_test_from_checkpoint_writes_report(drpo_run: Path) -> None:
     reports = drpo_run / "reports"
     run(["test", "--config", str(ROOT / "configs/demo.yaml"), "--config", str(SMOKE),
          "--trainer.default_root_dir", str(drpo_run), "--ckpt_path", str(ckpt)])
+    step = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
     (report_dir,) = [d for d in reports.iterdir() if d.name.startswith("test-")]
+    assert report_dir.name == f"test-step{step}"  # named after the checkpoint evaluated
     assert (report_dir / "summary.md").is_file()
+    training_rows = [r for r in csv.DictReader(open(drpo_run / "metrics.csv")) if r.get("train/reward")]
+    assert len(training_rows) == step  # the test run appended to the training run's metrics, not replaced them
     rows = list(csv.reader(open(report_dir / "metrics.csv")))
     names = {r[0] for r in rows[1:]}
     assert "test/macro_f1/overall" in names

