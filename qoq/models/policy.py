@@ -14,6 +14,8 @@ The policy's own training stage is SFT on ``batch.references`` (the paper's SFT 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -504,6 +506,39 @@ class Policy(L.LightningModule):
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
         """Logs the SFT loss as ``val/loss``."""
         self.log("val/loss", self.sft_loss(batch), batch_size=len(batch))
+
+    # ----- checkpoints ------------------------------------------------------------------------------------
+
+    @property
+    def tokenizer_fingerprint(self) -> str:
+        """A short hash of the tokenizer's vocabulary (token -> id), saved with every checkpoint."""
+        vocab = sorted(self.tokenizer.get_vocab().items())
+        return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
+
+    def check_tokenizer(self, saved: str | None, source: str | Path) -> None:
+        """Refuse weights trained with another tokenizer: their token ids would mean other tokens.
+
+        Args:
+            saved: the checkpoint's :attr:`tokenizer_fingerprint` (None: an older checkpoint, not checked).
+            source: the checkpoint's path, for the message.
+
+        Raises:
+            ValueError: the fingerprints differ.
+        """
+        if saved is not None and saved != self.tokenizer_fingerprint:
+            raise ValueError(
+                f"{source}: the checkpoint was trained with another tokenizer (fingerprint {saved}, this "
+                f"policy's is {self.tokenizer_fingerprint}). Build the policy from the same config (a run-time "
+                "tokenizer depends on its corpus, e.g. TinyLM's extra_corpus and qoq's version), or retrain."
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:  # noqa: D102 - Lightning hook
+        checkpoint["tokenizer_fingerprint"] = self.tokenizer_fingerprint
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:  # noqa: D102 - Lightning hook
+        self.configure_model()  # no-op when built; load_from_checkpoint calls this hook first
+        source = getattr(self._trainer, "ckpt_path", None) or "checkpoint"
+        self.check_tokenizer(checkpoint.get("tokenizer_fingerprint"), source)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """AdamW over the trainable parameters; weight decay on matrices only."""

@@ -515,8 +515,11 @@ class PolicyOptimization(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["qoq"] = {"advantage": self.advantage.state_dict(), "domain_names": dict(self.domain_names)}
         checkpoint["qoq"]["rng"] = strategies.rng_state()  # exact resume (dropout etc.; sampling is seeded per step)
+        checkpoint["tokenizer_fingerprint"] = self.policy.tokenizer_fingerprint
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        source = getattr(self._trainer, "ckpt_path", None) or "checkpoint"
+        self.policy.check_tokenizer(checkpoint.get("tokenizer_fingerprint"), source)
         state = checkpoint.get("qoq", {})
         if "advantage" in state:
             self.advantage.load_state_dict(state["advantage"])
@@ -531,12 +534,15 @@ def load_policy_weights(policy: Policy, ckpt_path: str | Path) -> None:
 
     Raises:
         FileNotFoundError: no checkpoint at ``ckpt_path``.
+        ValueError: the checkpoint was trained with another tokenizer.
         RuntimeError: the checkpoint's tensors do not fit the policy (names the missing / unexpected keys).
     """
     path = Path(ckpt_path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"init_policy_from: no checkpoint at {path} (run the SFT stage first?)")
-    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    policy.check_tokenizer(checkpoint.get("tokenizer_fingerprint"), path)
+    state = checkpoint["state_dict"]
     if any(k.startswith("policy.") for k in state):
         state = {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
     missing, unexpected = policy.load_state_dict(state, strict=False)

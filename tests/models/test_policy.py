@@ -227,3 +227,18 @@ def test_save_lm_loads_in_transformers(text_policy, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, text_policy.lm(ids).logits)
     assert (folder / "tokenizer.json").is_file() and (folder / "chat_template.jinja").is_file()
+
+
+def test_weights_from_another_tokenizer_are_refused(text_policy, tmp_path):
+    from qoq.systems.policy_optimization import load_policy_weights
+
+    path = tmp_path / "sft.ckpt"
+    checkpoint = {"state_dict": text_policy.state_dict()}
+    text_policy.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, path)
+    twin = Policy(TinyLM(**TINY), system_prompt=None).build()
+    load_policy_weights(twin, path)  # the same config builds the same tokenizer
+    other = Policy(TinyLM(**TINY, extra_corpus=lambda: ["zebra giraffe okapi"] * 50), system_prompt=None).build()
+    assert other.tokenizer_fingerprint != text_policy.tokenizer_fingerprint
+    with pytest.raises(ValueError, match="another tokenizer"):
+        load_policy_weights(other, path)
