@@ -2,8 +2,8 @@
 
 ::
 
-    python -m experiments.run_ablation [--methods grpo drpo drpo_domain_only drpo_nokl] [--seeds 0 1 2]
-                                       [--steps N] [--jobs 2] [--smoke] [--report-only]
+    python -m experiments.run_ablation [--methods grpo drpo drpo_domain_only drpo_nokl] [--balancing]
+                                       [--seeds 0 1 2] [--steps N] [--jobs 2] [--smoke] [--report-only]
 
 1. builds the benchmark (:func:`qoq.data.benchmark.build_benchmark`, cached);
 2. per seed, the SFT warm start ``qoq fit --config configs/benchmark_sft.yaml`` (its checkpoint is also
@@ -40,6 +40,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_METHODS = ("grpo", "drpo", "drpo_domain_only", "drpo_nokl")
+#: Balancing beyond DRPO (issue 8), added by ``--balancing``: GDPO-style per-component normalisation,
+#: DISCO- and FairGRPO-style reweighting, adaptive domain sampling (with DRPO and with GRPO) and DAPO-style
+#: dynamic sampling (zero-variance groups dropped and refilled).
+BALANCING_METHODS = ("gdpo", "disco", "fairgrpo", "drpo_adaptive", "grpo_adaptive", "grpo_dynamic")
 #: The baseline row: the SFT warm start, evaluated as is.
 SFT = "sft"
 #: Training records of each domain in ``--smoke`` runs (all seven domains, tiny).
@@ -723,6 +727,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
                    help="configs/algorithm/<name>.yaml names (optional extras: rloo dr_grpo reinforce_pp "
                         "drpo_kmax1 drpo_kmax3 drpo_kmax20 drpo_released)")  # fmt: skip
+    p.add_argument("--balancing", action="store_true",
+                   help="also run the balancing methods: " + " ".join(BALANCING_METHODS))  # fmt: skip
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument(
         "--steps", type=int, default=None, help="RL steps per run (default: configs/benchmark.yaml)"
@@ -746,8 +752,9 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     """The :class:`Plan` of parsed command-line arguments."""
     root = (args.root or ROOT / "runs" / ("ablation-smoke" if args.smoke else "ablation")).resolve()
     results = args.results or (root / "results" if args.smoke else ROOT / "experiments" / "results")
+    methods = list(dict.fromkeys([*args.methods, *(BALANCING_METHODS if args.balancing else ())]))
     return Plan(
-        methods=tuple(args.methods),
+        methods=tuple(methods),
         seeds=tuple(args.seeds),
         steps=2 if args.smoke and args.steps is None else args.steps,
         sft_steps=2 if args.smoke and args.sft_steps is None else args.sft_steps,

@@ -106,6 +106,74 @@ class PromptBatch:
             stream_index=self.stream_index,
         )
 
+    def select(self, prompts: list[int]) -> PromptBatch:
+        """The sub-batch of the given prompts, in the given order (modality items follow their prompts).
+
+        Args:
+            prompts: prompt indices into this batch.
+        """
+        new = {p: j for j, p in enumerate(prompts)}
+        modalities = {}
+        for kind, items in self.modalities.items():
+            owners = items.owner.tolist()
+            take = [m for p in prompts for m, o in enumerate(owners) if o == p]  # [M'] in prompt order
+            if take:
+                index = torch.tensor(take, dtype=torch.long, device=items.values.device)
+                owner = torch.tensor([new[owners[m]] for m in take], dtype=torch.long, device=items.owner.device)
+                modalities[kind] = ModalityBatch(items.values[index], owner)
+        pick = torch.tensor(prompts, dtype=torch.long, device=self.domain_ids.device)
+        return PromptBatch(
+            ids=[self.ids[p] for p in prompts],
+            texts=[self.texts[p] for p in prompts],
+            modalities=modalities,
+            targets=[self.targets[p] for p in prompts],
+            domains=[self.domains[p] for p in prompts],
+            datasets=[self.datasets[p] for p in prompts],
+            domain_ids=self.domain_ids[pick],
+            references=[self.references[p] for p in prompts] if self.references is not None else None,
+            origins=[self.origins[p] for p in prompts] if self.origins else [],
+            stream_index=self.stream_index,
+        )
+
+    @staticmethod
+    def concat(batches: list[PromptBatch]) -> PromptBatch:
+        """The prompts of several batches, in order; ``stream_index`` is the first batch's.
+
+        Raises:
+            ValueError: if items of one modality kind differ in shape across the batches.
+        """
+        if not batches:
+            raise ValueError("PromptBatch.concat: no batches")
+        if len(batches) == 1:
+            return batches[0]
+        modalities: dict[str, ModalityBatch] = {}
+        offset = 0
+        parts: dict[str, list[ModalityBatch]] = {}
+        for b in batches:
+            for kind, items in b.modalities.items():
+                parts.setdefault(kind, []).append(ModalityBatch(items.values, items.owner + offset))
+            offset += len(b)
+        for kind, items in parts.items():
+            shapes = {tuple(i.values.shape[1:]) for i in items}
+            if len(shapes) > 1:
+                raise ValueError(f"PromptBatch.concat: {kind} items of different shapes {sorted(shapes)}")
+            modalities[kind] = ModalityBatch(
+                torch.cat([i.values for i in items]), torch.cat([i.owner for i in items])
+            )
+        refs = [b.references for b in batches]
+        return PromptBatch(
+            ids=[x for b in batches for x in b.ids],
+            texts=[x for b in batches for x in b.texts],
+            modalities=modalities,
+            targets=[x for b in batches for x in b.targets],
+            domains=[x for b in batches for x in b.domains],
+            datasets=[x for b in batches for x in b.datasets],
+            domain_ids=torch.cat([b.domain_ids for b in batches]),
+            references=None if any(r is None for r in refs) else [x for r in refs for x in r],
+            origins=[x for b in batches for x in b.origins] if all(b.origins for b in batches) else [],
+            stream_index=batches[0].stream_index,
+        )
+
 
 @dataclass
 class RolloutBatch:
@@ -129,6 +197,52 @@ class RolloutBatch:
 
     def __len__(self) -> int:
         return len(self.texts)
+
+    def select(self, rows: Tensor, prompt_index: Tensor) -> RolloutBatch:
+        """The given responses with new prompt indices (after :meth:`PromptBatch.select`).
+
+        Args:
+            rows: ``[N']`` long, response rows to keep, in order.
+            prompt_index: ``[N']`` long, their prompt index in the selected prompt batch.
+        """
+        rows = rows.to(self.response_ids.device)
+        return RolloutBatch(
+            prompt_index=prompt_index.to(self.prompt_index.device),
+            response_ids=self.response_ids[rows],
+            response_mask=self.response_mask[rows],
+            texts=[self.texts[i] for i in rows.tolist()],
+            engine_logprobs=self.engine_logprobs[rows] if self.engine_logprobs is not None else None,
+            truncated=self.truncated[rows] if self.truncated is not None else None,
+        )
+
+    @staticmethod
+    def concat(parts: list[tuple[RolloutBatch, int]], pad_id: int) -> RolloutBatch:
+        """Responses of several rollouts, in order, right-padded to the longest (``R = max R_k``).
+
+        Args:
+            parts: ``(rollout, prompt offset)`` pairs: each rollout's prompt indices are shifted by its offset
+                (the number of prompts of the batches before it).
+            pad_id: token id that pads ``response_ids`` (masked out).
+        """
+        if not parts:
+            raise ValueError("RolloutBatch.concat: no rollouts")
+        if len(parts) == 1 and parts[0][1] == 0:
+            return parts[0][0]
+        width = max(r.response_ids.shape[1] for r, _ in parts)
+
+        def pad(x: Tensor, value: float | int | bool) -> Tensor:
+            return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+
+        with_lp = all(r.engine_logprobs is not None for r, _ in parts)
+        with_tr = all(r.truncated is not None for r, _ in parts)
+        return RolloutBatch(
+            prompt_index=torch.cat([r.prompt_index + off for r, off in parts]),
+            response_ids=torch.cat([pad(r.response_ids, pad_id) for r, _ in parts]),
+            response_mask=torch.cat([pad(r.response_mask, False) for r, _ in parts]),
+            texts=[t for r, _ in parts for t in r.texts],
+            engine_logprobs=torch.cat([pad(r.engine_logprobs, 0.0) for r, _ in parts]) if with_lp else None,
+            truncated=torch.cat([r.truncated for r, _ in parts]) if with_tr else None,
+        )
 
 
 @dataclass

@@ -101,3 +101,21 @@ def test_sft_stage_via_cli(tmp_path: Path) -> None:
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     losses = [float(r["train/loss"]) for r in csv.DictReader(open(tmp_path / "metrics.csv")) if r.get("train/loss")]
     assert len(losses) == 3 and all(loss == loss for loss in losses)
+
+
+@pytest.mark.parametrize("method", ["drpo_adaptive", "grpo_adaptive", "grpo_dynamic"])
+def test_balancing_configs_run(tmp_path: Path, method: str) -> None:
+    """Adaptive domain sampling and DAPO-style dynamic sampling, each one file on top of the demo (HF engine)."""
+    _fit(tmp_path, "--config", str(ROOT / f"configs/algorithm/{method}.yaml"),
+         "--config", str(ROOT / "configs/rollout/hf.yaml"), "--trainer.max_steps", "2")
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert state["global_step"] == 2
+    with (tmp_path / "metrics.csv").open() as f:
+        columns = set(next(csv.reader(f)))
+    assert any(c.startswith("train/zero_var_frac/") for c in columns)  # the per-domain feedback
+    data = state["MultiDomainDataModule"]
+    if method.endswith("adaptive"):
+        assert data["sampler"] == "adaptive" and data["adaptive"]["last"] == 1  # reports of batches 0 and 1
+        assert any(c.startswith("train/sample_prob/") for c in columns)
+    else:
+        assert {"train/gen_batches", "train/kept_groups", "train/informative_group_frac"} <= columns

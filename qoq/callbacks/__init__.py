@@ -1,6 +1,8 @@
-"""Evaluation and logging callbacks: clinical metrics (torchmetrics), report folders, JSONL traces."""
+"""Evaluation and logging callbacks: clinical metrics (torchmetrics), report folders, JSONL traces, and the
+per-domain statistics feedback from the RL system to the data module."""
 
 from qoq.callbacks.evaluation import ClinicalMetricsCallback
+from qoq.callbacks.feedback import DomainStatsFeedback
 from qoq.callbacks.metrics import (
     ClinicalMetrics,
     EvalRecord,
@@ -13,6 +15,7 @@ from qoq.callbacks.traces import RolloutTraceWriter, record_to_json, write_trace
 __all__ = [
     "ClinicalMetrics",
     "ClinicalMetricsCallback",
+    "DomainStatsFeedback",
     "EvalRecord",
     "RolloutTraceWriter",
     "label_space_from_records",

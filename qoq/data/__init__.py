@@ -14,7 +14,8 @@ Public names are importable from ``qoq.data`` directly; each is loaded on first 
 - loading and batching: :class:`ClinicalDataset`, :func:`collate`, :func:`prompt_text`, :func:`reference_response`
 - data modules: :class:`ClinicalDataModule`, :class:`MultiDomainDataModule`, one per domain
   (:class:`ChestXrayDataModule`, ...), :class:`MixtureSampler`, :func:`split_records`
-- adaptive sampling: :class:`AdaptiveDomainSampler`, :func:`allocate_group_sizes`
+- adaptive sampling: :class:`AdaptiveDomainSampler`, :class:`AdaptiveSampling`, :class:`AdaptiveSchedule`,
+  :func:`allocate_group_sizes`
 - the ``qoq data`` command: :func:`qoq.data.command.main`
 """
 
@@ -67,7 +68,7 @@ _EXPORTS = MappingProxyType(
             "MixtureSampler",
             "split_records",
         ),
-        "adaptive": ("AdaptiveDomainSampler", "allocate_group_sizes"),
+        "adaptive": ("AdaptiveDomainSampler", "AdaptiveSampling", "AdaptiveSchedule", "allocate_group_sizes"),
     }
 )
 _MODULE_OF = MappingProxyType({name: module for module, names in _EXPORTS.items() for name in names})

@@ -10,17 +10,23 @@ rollout budget unevenly over a batch's prompts, more rollouts to harder prompts 
 rollout reallocation).
 
 Pure logic on Python floats: no Lightning, no tensors; the state is a small dict for checkpoints. How it
-plugs in: after each RL step the system reports :func:`qoq.rl.balancing.domain_batch_stats` (domain ids
-mapped to names) to :meth:`AdaptiveDomainSampler.update`; the data module draws the next batches' domains
-with :meth:`AdaptiveDomainSampler.probabilities` and saves :meth:`AdaptiveDomainSampler.state_dict` with
-its stream position, so a resumed run draws the same batches.
+plugs in (``sampler: adaptive`` of :class:`qoq.data.ClinicalDataModule`, settings :class:`AdaptiveSampling`):
+after each RL step :class:`qoq.systems.PolicyOptimization` publishes
+:func:`qoq.rl.balancing.domain_batch_stats` of every group it generated (keyed by domain name),
+:class:`qoq.callbacks.DomainStatsFeedback` hands them to the data module, whose :class:`AdaptiveSchedule`
+folds them into the sampler and decides which probabilities each stream batch is drawn with (those after
+the report of batch ``b - lag``); the schedule is saved with the stream position, so a resumed run draws
+the same batches. :func:`allocate_group_sizes` is not wired into training (the rollout engines sample a
+fixed ``n`` per prompt).
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 
 def _project_with_floor(q: list[float], floor: float) -> list[float]:
@@ -191,6 +197,160 @@ class AdaptiveDomainSampler:
         self.zero_var = {str(d): float(v) for d, v in state["zero_var"].items()}
         self.reward = {str(d): float(v) for d, v in state["reward"].items()}
         self.updates = int(state["updates"])
+
+
+@dataclass
+class AdaptiveSampling:
+    """Settings of the data modules' ``sampler: adaptive`` mode (an :class:`AdaptiveDomainSampler` fed by
+    the RL system, scheduled by :class:`AdaptiveSchedule`).
+
+    Args:
+        base: the mixture the tilt starts from: ``natural``, ``balanced`` or ``temperature`` (with the data
+            module's ``temperature``).
+        momentum: EMA factor of the reported statistics in [0, 1).
+        zero_var_weight: weight of a domain's share of zero-variance groups in its need.
+        low_reward_weight: weight of a domain's (normalised) reward shortfall in its need.
+        eta: strength of the tilt (0: the base mixture).
+        floor: smallest sampling probability of any domain.
+        reward_range: (lo, hi) bounds of the mean reward.
+        lag: batch b of the stream is drawn with the probabilities after the report of batch b - lag. A
+            batch's report arrives after its training step and Lightning prefetches one batch, so 2 is the
+            smallest lag for which every batch is drawn the same way in a fresh and in a resumed run.
+    """
+
+    base: Literal["natural", "balanced", "temperature"] = "natural"
+    momentum: float = 0.9
+    zero_var_weight: float = 1.0
+    low_reward_weight: float = 1.0
+    eta: float = 2.0
+    floor: float = 0.02
+    reward_range: tuple[float, float] = (0.0, 1.0)
+    lag: int = 2
+
+    def sampler(self, domains: Sequence[str], base: Mapping[str, float] | None = None) -> AdaptiveDomainSampler:
+        """A fresh :class:`AdaptiveDomainSampler` with these settings.
+
+        Args:
+            domains: the domain names, in the order probabilities are returned.
+            base: domain -> base weight (the ``base`` mixture's probabilities); None: uniform.
+        """
+        return AdaptiveDomainSampler(
+            domains,
+            base=base,
+            momentum=self.momentum,
+            zero_var_weight=self.zero_var_weight,
+            low_reward_weight=self.low_reward_weight,
+            eta=self.eta,
+            floor=self.floor,
+            reward_range=tuple(self.reward_range),
+        )
+
+
+class AdaptiveSchedule:
+    """Which domain probabilities each batch of a numbered stream is drawn with: reports in, probabilities out.
+
+    Reports arrive keyed by the stream index of the batch they were measured on, in increasing order (one
+    per training step). Batch ``b`` is drawn with the sampler's probabilities after every report of a batch
+    ``<= b - lag`` (the initial probabilities when there is none). That makes the stream a pure function
+    of the seed and the reports, however far ahead the loader runs, as long as it runs at most ``lag - 1``
+    batches ahead of the reports; a batch whose probabilities are not known yet raises instead of being
+    drawn from a guess. The probabilities after each of the last few reports are kept (and saved), so a
+    resumed run draws its first batches exactly as the uninterrupted run did.
+
+    Args:
+        sampler: a fresh (never updated) :class:`AdaptiveDomainSampler`.
+        lag: see above; >= 1.
+        keep: probability snapshots kept (>= lag + 1).
+    """
+
+    def __init__(self, sampler: AdaptiveDomainSampler, lag: int = 2, keep: int = 8) -> None:
+        if sampler.updates:
+            raise ValueError("AdaptiveSchedule needs a fresh sampler (its initial probabilities start the stream)")
+        if lag < 1 or keep < lag + 1:
+            raise ValueError(f"AdaptiveSchedule: need lag >= 1 and keep >= lag + 1, got lag={lag}, keep={keep}")
+        self.sampler, self.lag, self.keep = sampler, lag, keep
+        self.initial = self._vector()
+        self.last: int | None = None  # stream index of the last report
+        self._indices: list[int] = []  # stream indices of the kept snapshots (increasing)
+        self._snapshots: list[list[float]] = []  # probabilities after each of those reports
+        self._pruned = False
+
+    def _vector(self) -> list[float]:
+        p = self.sampler.probabilities()
+        return [p[d] for d in self.sampler.domains]
+
+    def observe(self, stream_index: int, domain_stats: Mapping[str, Mapping[str, float]]) -> None:
+        """Fold the statistics measured on batch ``stream_index`` into the sampler.
+
+        Args:
+            stream_index: the batch's position in the stream; larger than every earlier report's.
+            domain_stats: domain name -> ``{"zero_var_frac", "mean_reward"}`` (see
+                :meth:`AdaptiveDomainSampler.update`).
+        """
+        if self.last is not None and stream_index <= self.last:
+            raise ValueError(
+                f"AdaptiveSchedule: report for batch {stream_index} after the report for batch {self.last}"
+            )
+        self.sampler.update(domain_stats)
+        self.last = stream_index
+        self._indices.append(stream_index)
+        self._snapshots.append(self._vector())
+        if len(self._indices) > self.keep:
+            del self._indices[0], self._snapshots[0]
+            self._pruned = True
+
+    def probabilities(self, stream_index: int) -> list[float]:
+        """Probabilities (in :attr:`AdaptiveDomainSampler.domains` order) to draw batch ``stream_index`` with.
+
+        Raises:
+            RuntimeError: if a report that would count for this batch may still come (the loader runs
+                more than ``lag - 1`` batches ahead of the training step, or nothing reports at all), or
+                if the batch is older than the kept snapshots.
+        """
+        upto = stream_index - self.lag
+        if upto < 0:
+            return list(self.initial)
+        if self.last is None or self.last < upto:
+            raise RuntimeError(
+                f"adaptive sampling: batch {stream_index} is drawn with the domain statistics of batch {upto}, "
+                f"which were not reported (last report: {self.last}). The RL system reports them after each "
+                "training step (qoq.systems.PolicyOptimization does, through qoq.callbacks.DomainStatsFeedback); "
+                "other modules, or loaders prefetching more than lag - 1 batches, cannot use `sampler: adaptive`"
+            )
+        pos = bisect.bisect_right(self._indices, upto)
+        if pos == 0:
+            if self._pruned:
+                raise RuntimeError(f"adaptive sampling: batch {stream_index} is older than the kept snapshots")
+            return list(self.initial)
+        return list(self._snapshots[pos - 1])
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sampler's state, the last report's index and the kept snapshots (plain Python values)."""
+        return {
+            "sampler": self.sampler.state_dict(),
+            "lag": self.lag,
+            "last": self.last,
+            "indices": list(self._indices),
+            "snapshots": [list(p) for p in self._snapshots],
+            "pruned": self._pruned,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue where a saved schedule stopped.
+
+        Args:
+            state: a dict from :meth:`state_dict`.
+
+        Raises:
+            ValueError: if the saved lag differs (batches would be drawn differently).
+        """
+        if int(state["lag"]) != self.lag:
+            raise ValueError(f"AdaptiveSchedule: the checkpoint used lag {state['lag']}, this run has {self.lag}")
+        self.sampler.load_state_dict(state["sampler"])
+        self.last = None if state["last"] is None else int(state["last"])
+        self._indices = [int(i) for i in state["indices"]]
+        self._snapshots = [[float(v) for v in p] for p in state["snapshots"]]
+        self._pruned = bool(state["pruned"])
 
 
 def allocate_group_sizes(difficulty: Sequence[float], budget: int, n_min: int, n_max: int) -> list[int]:

@@ -60,6 +60,7 @@ from typing import Any
 
 import numpy as np
 
+from qoq.data.adaptive import AdaptiveSampling
 from qoq.data.datamodules import ClinicalDataModule, SamplerMode
 from qoq.data.domains import DOMAINS, check_domain
 from qoq.data.manifest import read_manifest, write_manifest
@@ -547,8 +548,10 @@ class BenchmarkDataModule(ClinicalDataModule):
         batch_size: prompts per training batch (per process).
         val_batch_size: prompts per validation / test batch.
         image_size: side of the images, in pixels (the benchmark is written at this size).
-        sampler: how training batches mix domains: ``natural``, ``balanced`` or ``temperature``.
+        sampler: how training batches mix domains: ``natural``, ``balanced``, ``temperature`` or
+            ``adaptive`` (tilted toward the domains the RL system reports as needing samples).
         temperature: T of the ``temperature`` sampler.
+        adaptive: settings of the ``adaptive`` sampler; None: defaults.
         steps_per_epoch: training batches per stream epoch; None means ceil(train records / batch_size).
         seed: seed of the training stream (pass the run's seed to vary batches across seeds).
         num_workers: DataLoader worker processes.
@@ -567,6 +570,7 @@ class BenchmarkDataModule(ClinicalDataModule):
         image_size: int = 64,
         sampler: SamplerMode = "natural",
         temperature: float = 2.0,
+        adaptive: AdaptiveSampling | None = None,
         steps_per_epoch: int | None = None,
         seed: int = 0,
         num_workers: int = 0,
@@ -582,6 +586,7 @@ class BenchmarkDataModule(ClinicalDataModule):
             val_fraction=0.0,
             sampler=sampler,
             temperature=temperature,
+            adaptive=adaptive,
             steps_per_epoch=steps_per_epoch,
             seed=seed,
             num_workers=num_workers,

@@ -5,8 +5,17 @@ and serves training batches from a seeded mixture stream:
 
 - **sampling** (:class:`MixtureSampler`): each slot of a batch picks a domain with probability
   ``p_d`` (``natural``: proportional to its record count n_d; ``balanced``: uniform over domains;
-  ``temperature``: proportional to ``n_d ** (1 / T)``), then a record of that domain uniformly, with
-  replacement. Batch ``b`` of stream epoch ``e`` is a pure function of ``(seed, e, b)``.
+  ``temperature``: proportional to ``n_d ** (1 / T)``; ``adaptive``: one of those, tilted each step toward
+  the domains the RL system reports as needing samples, see below), then a record of that domain
+  uniformly, with replacement. Batch ``b`` of stream epoch ``e`` is a pure function of ``(seed, e, b)``
+  (and, in ``adaptive`` mode, of the reports).
+- **adaptive sampling** (``sampler: adaptive``, settings :class:`~qoq.data.adaptive.AdaptiveSampling`):
+  after each RL step :class:`~qoq.callbacks.DomainStatsFeedback` hands the step's per-domain statistics
+  (share of zero-variance groups, mean reward) to :meth:`ClinicalDataModule.observe_domain_stats`; an
+  :class:`~qoq.data.adaptive.AdaptiveSchedule` turns them into the probabilities batch ``b`` is drawn
+  with (those after the report of batch ``b - lag``), saved with the stream position.
+- **extra batches**: :meth:`ClinicalDataModule.extra_batch` draws more prompts for the batch being
+  trained on (DAPO-style dynamic sampling), a pure function of ``(seed, stream index, draw)``.
 - **exact resume**: the stream is numbered; each :class:`~qoq.types.PromptBatch` carries its
   ``stream_index`` and :meth:`ClinicalDataModule.on_after_batch_transfer` (called when the trainer
   takes the batch, not when a worker prefetches it) records it. :meth:`~ClinicalDataModule.state_dict`
@@ -37,6 +46,7 @@ import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from qoq.data.adaptive import AdaptiveSampling, AdaptiveSchedule
 from qoq.data.dataset import ClinicalDataset, collate
 from qoq.data.domains import DOMAINS, check_domain
 from qoq.data.errors import SkipCounter
@@ -46,7 +56,8 @@ from qoq.data.records import Record
 from qoq.rl.rewards import RESPONSE_FORMAT
 from qoq.types import PromptBatch
 
-SamplerMode = Literal["natural", "balanced", "temperature"]
+SamplerMode = Literal["natural", "balanced", "temperature", "adaptive"]
+BaseMode = Literal["natural", "balanced", "temperature"]
 
 
 def default_demo_dir() -> Path:
@@ -94,7 +105,8 @@ class MixtureSampler:
         domains: the domain of each training record (index i -> record i).
         batch_size: records per batch on this process.
         mode: ``natural`` (p_d proportional to n_d), ``balanced`` (uniform over domains) or
-            ``temperature`` (p_d proportional to n_d ** (1 / temperature)).
+            ``temperature`` (p_d proportional to n_d ** (1 / temperature)); the default probabilities,
+            which :meth:`batch` can override per batch.
         temperature: T of the ``temperature`` mode (1 = natural, large = balanced).
         seed: the seed; batch b of epoch e depends on ``(seed, e, b)`` only.
         rank: this process's index in data-parallel training.
@@ -106,7 +118,7 @@ class MixtureSampler:
         self,
         domains: Sequence[str],
         batch_size: int,
-        mode: SamplerMode = "natural",
+        mode: BaseMode = "natural",
         temperature: float = 2.0,
         seed: int = 0,
         rank: int = 0,
@@ -141,11 +153,20 @@ class MixtureSampler:
         """Domain -> sampling probability."""
         return {d: float(p) for d, p in zip(self.names, self.probs)}
 
-    def batch(self, epoch: int, index: int) -> list[int]:
-        """Record indices of batch ``index`` of ``epoch`` on this process (a pure function)."""
-        rng = np.random.default_rng([self.seed, epoch, index])
+    def batch(self, epoch: int, index: int, probs: Sequence[float] | None = None, draw: int = 0) -> list[int]:
+        """Record indices of batch ``index`` of ``epoch`` on this process (a pure function of the arguments).
+
+        Args:
+            epoch: stream epoch.
+            index: batch within the epoch.
+            probs: domain probabilities in :attr:`names` order; None: the mode's (:attr:`probs`).
+            draw: 0 for the stream's batch; k >= 1 for the k-th extra batch drawn for the same position
+                (an independent draw from the same mixture).
+        """
+        rng = np.random.default_rng([self.seed, epoch, index] if draw == 0 else [self.seed, epoch, index, draw])
         n = self.batch_size * self.world_size
-        picks = rng.choice(len(self.names), size=n, p=self.probs)  # [n] domain of each slot
+        p = self.probs if probs is None else np.asarray(probs, dtype=np.float64)
+        picks = rng.choice(len(self.names), size=n, p=p / p.sum())  # [n] domain of each slot
         within = rng.random(n)  # [n] uniform position inside the domain
         records = [int(self.members[d][int(u * len(self.members[d]))]) for d, u in zip(picks, within)]
         return records[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
@@ -172,9 +193,10 @@ class _BatchStream(IterableDataset):
         steps: int,
         position: _Position,
         domain_vocab: Sequence[str],
+        schedule: AdaptiveSchedule | None = None,
     ) -> None:
         self.dataset, self.sampler, self.steps = dataset, sampler, steps
-        self.position, self.domain_vocab = position, tuple(domain_vocab)
+        self.position, self.domain_vocab, self.schedule = position, tuple(domain_vocab), schedule
 
     def __len__(self) -> int:
         return self.steps
@@ -187,7 +209,8 @@ class _BatchStream(IterableDataset):
             if (b - first) % workers != worker:
                 continue
             stream_index = epoch * self.steps + b
-            samples = [self.dataset[i] for i in self.sampler.batch(epoch, b)]
+            probs = self.schedule.probabilities(stream_index) if self.schedule is not None else None
+            samples = [self.dataset[i] for i in self.sampler.batch(epoch, b, probs)]
             for sample in samples:
                 if sample is not None:
                     sample.stream_index = stream_index
@@ -215,8 +238,11 @@ class ClinicalDataModule(L.LightningDataModule):
         skip_invalid: skip and count bad manifest lines and unreadable files instead of failing.
         val_fraction: share of each domain's records held out (chosen by record-id hash) for
             validation and test.
-        sampler: how training batches mix domains: ``natural``, ``balanced`` or ``temperature``.
+        sampler: how training batches mix domains: ``natural``, ``balanced``, ``temperature`` or
+            ``adaptive`` (tilted each step toward the domains the RL system reports as needing samples;
+            needs ``num_workers: 0``).
         temperature: T of the ``temperature`` sampler (p_d proportional to n_d ** (1 / T)).
+        adaptive: settings of the ``adaptive`` sampler (base mixture, tilt, floor, lag); None: defaults.
         steps_per_epoch: training batches per stream epoch; None means ceil(train records / batch_size).
         seed: seed of the training stream (batch b of epoch e depends on seed, e and b only).
         num_workers: DataLoader worker processes.
@@ -241,6 +267,7 @@ class ClinicalDataModule(L.LightningDataModule):
         val_fraction: float = 0.1,
         sampler: SamplerMode = "natural",
         temperature: float = 2.0,
+        adaptive: AdaptiveSampling | None = None,
         steps_per_epoch: int | None = None,
         seed: int = 0,
         num_workers: int = 0,
@@ -249,6 +276,11 @@ class ClinicalDataModule(L.LightningDataModule):
         super().__init__()
         if not manifests and not demo:
             raise ValueError("give manifests, or demo=True for the embedded demo set")
+        if sampler == "adaptive" and num_workers > 0:
+            raise ValueError(
+                "sampler: adaptive needs num_workers: 0 (worker processes would not see the probabilities "
+                "the training steps update)"
+            )
         self.manifests = [str(m) for m in manifests or []]
         self.demo, self.demo_dir, self.real_only = demo, demo_dir, real_only
         self.domains = [check_domain(d) for d in domains] if domains else None
@@ -256,6 +288,7 @@ class ClinicalDataModule(L.LightningDataModule):
         self.image_size, self.num_frames, self.ecg_spec = image_size, num_frames, ecg_spec
         self.skip_invalid, self.val_fraction = skip_invalid, val_fraction
         self.sampler_mode, self.temperature = sampler, temperature
+        self.adaptive = adaptive if adaptive is not None else AdaptiveSampling()
         self.steps_per_epoch, self.seed, self.num_workers = steps_per_epoch, seed, num_workers
         self.instruction = instruction
         #: Domain vocabulary of ``PromptBatch.domain_ids``: always all of DOMAINS (stable ids).
@@ -266,6 +299,9 @@ class ClinicalDataModule(L.LightningDataModule):
         self.train_records: list[Record] = []
         self.val_records: list[Record] = []
         self._position = _Position()
+        self._schedule: AdaptiveSchedule | None = None  # sampler: adaptive, built with the records
+        self._pending_schedule: dict[str, Any] | None = None  # a loaded state, applied when it is built
+        self._extra: tuple[ClinicalDataset, MixtureSampler] | None = None
 
     # ------------------------------------------------------------------------------------- setup
     def _demo_manifest(self, quiet: bool) -> str:
@@ -328,7 +364,7 @@ class ClinicalDataModule(L.LightningDataModule):
         return MixtureSampler(
             [r.domain for r in self.train_records],
             self.batch_size,
-            self.sampler_mode,
+            self.adaptive.base if self.sampler_mode == "adaptive" else self.sampler_mode,
             self.temperature,
             self.seed,
             rank,
@@ -358,9 +394,77 @@ class ClinicalDataModule(L.LightningDataModule):
         """The training stream, from the current position to the end of its epoch."""
         self.setup("fit")
         stream = _BatchStream(
-            self._dataset(self.train_records), self.sampler(), self.steps, self._position, self.domain_vocab
+            self._dataset(self.train_records),
+            self.sampler(),
+            self.steps,
+            self._position,
+            self.domain_vocab,
+            self.schedule(),
         )
         return DataLoader(stream, batch_size=None, collate_fn=_as_is, num_workers=self.num_workers)
+
+    # ---------------------------------------------------------------------- adaptive sampling
+    def schedule(self) -> AdaptiveSchedule | None:
+        """The adaptive sampler's schedule (``sampler: adaptive``), built once the records are read; else None."""
+        if self.sampler_mode != "adaptive":
+            return None
+        if self._schedule is None:
+            self.setup("fit")
+            mix = self.sampler()
+            self._schedule = AdaptiveSchedule(self.adaptive.sampler(mix.names, mix.weights), lag=self.adaptive.lag)
+            if self._pending_schedule is not None:
+                self._schedule.load_state_dict(self._pending_schedule)
+                self._pending_schedule = None
+        return self._schedule
+
+    def observe_domain_stats(self, stream_index: int, domain_stats: dict[str, dict[str, float]]) -> None:
+        """Take the per-domain statistics the RL system measured on batch ``stream_index``.
+
+        A no-op unless ``sampler: adaptive``. Domains absent from the training records are ignored.
+
+        Args:
+            stream_index: the batch's position in the training stream (``PromptBatch.stream_index``).
+            domain_stats: domain name -> ``{"zero_var_frac": share of its groups whose rewards were all
+                equal, "mean_reward": its mean reward, ...}``
+                (:func:`qoq.rl.balancing.domain_batch_stats` keyed by name).
+        """
+        schedule = self.schedule()
+        if schedule is None or stream_index < 0:
+            return
+        known = set(schedule.sampler.domains)
+        schedule.observe(stream_index, {d: s for d, s in domain_stats.items() if d in known})
+
+    def domain_probabilities(self) -> dict[str, float]:
+        """Domain -> the probability batches are drawn with now (adaptive: after the latest report)."""
+        schedule = self.schedule()
+        if schedule is not None:
+            return schedule.sampler.probabilities()
+        return self.sampler().weights
+
+    def extra_batch(self, stream_index: int, draw: int) -> PromptBatch:
+        """The ``draw``-th extra batch for stream position ``stream_index`` (DAPO-style dynamic sampling).
+
+        Drawn from the same mixture as the stream's batch at that position (in ``adaptive`` mode, with
+        the same probabilities), independently of it and of the stream: a pure function of the seed,
+        ``stream_index`` and ``draw``, so refilled steps are reproduced exactly on resume.
+
+        Args:
+            stream_index: the position of the batch being trained on.
+            draw: 1 for the first extra batch, 2 for the second, ...
+
+        Returns:
+            A collated batch of ``batch_size`` prompts (``stream_index`` -1: it is not a stream batch).
+        """
+        if draw < 1 or stream_index < 0:
+            raise ValueError(f"extra_batch: need draw >= 1 and stream_index >= 0, got {draw}, {stream_index}")
+        if self._extra is None:
+            self.setup("fit")
+            self._extra = (self._dataset(self.train_records), self.sampler())
+        dataset, sampler = self._extra
+        schedule = self.schedule()
+        probs = schedule.probabilities(stream_index) if schedule is not None else None
+        epoch, index = divmod(stream_index, self.steps)
+        return collate([dataset[i] for i in sampler.batch(epoch, index, probs, draw=draw)], self.domain_vocab)
 
     def _held_out(self) -> DataLoader:
         self.setup()
@@ -390,8 +494,13 @@ class ClinicalDataModule(L.LightningDataModule):
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        """The stream position (next batch index) and the settings the stream depends on."""
-        return {"next_batch": self._position.next, **self._stream_settings()}
+        """The stream position (next batch index), the settings the stream depends on and, with
+        ``sampler: adaptive``, the adaptive schedule."""
+        state = {"next_batch": self._position.next, **self._stream_settings()}
+        if self.sampler_mode == "adaptive":
+            schedule = self._schedule
+            state["adaptive"] = schedule.state_dict() if schedule is not None else self._pending_schedule
+        return state
 
     def _stream_settings(self) -> dict[str, Any]:
         steps = self.steps if self.train_records else self.steps_per_epoch
@@ -416,12 +525,19 @@ class ClinicalDataModule(L.LightningDataModule):
             if mine is not None and saved is not None and saved != mine:
                 raise ValueError(f"the checkpoint's data stream used {key}={saved!r}, this run has {mine!r}")
         self._position.next = int(state_dict["next_batch"])
+        adaptive = state_dict.get("adaptive")
+        if self.sampler_mode == "adaptive" and adaptive is not None:
+            if self._schedule is not None:
+                self._schedule.load_state_dict(adaptive)
+            else:
+                self._pending_schedule = dict(adaptive)
 
 
 class MultiDomainDataModule(ClinicalDataModule):
     """All clinical domains mixed (the paper's setting); a :class:`ClinicalDataModule` without a domain filter.
 
-    Use ``sampler: temperature`` or ``balanced`` to raise rare domains' share of the batches.
+    Use ``sampler: temperature`` or ``balanced`` to raise rare domains' share of the batches, or
+    ``adaptive`` to follow the domains the RL system reports as lacking signal or reward.
     """
 
 

@@ -26,9 +26,11 @@ from qoq import strategies
 from qoq.models.policy import Policy
 from qoq.rl import losses
 from qoq.rl.advantages import DRPO, AdvantageEstimator
-from qoq.rl.rewards import RewardFn, extract_answer, parse_boxes
+from qoq.rl.balancing import domain_batch_stats
+from qoq.rl.rewards import RewardFn, RewardOutput, extract_answer, parse_boxes
 from qoq.rl.rollout.base import RolloutEngine
 from qoq.rl.rollout.hf import HFEngine
+from qoq.systems.dynamic_sampling import Collected, DynamicSampling, collect_dynamic, collect_plain
 from qoq.types import PromptBatch, RolloutBatch, SamplingParams
 
 
@@ -91,6 +93,13 @@ class PolicyOptimization(L.LightningModule):
             ("domain/dataset", the released code).
         trace_every: keep a rollout trace every this many steps (written by ``RolloutTraceWriter``); 0 = never.
         engine_dir: where the rollout engine keeps its copy of the LM; default: ``<log_dir>/engine``.
+        dynamic_sampling: DAPO-style dynamic sampling (drop groups whose rewards are all equal, refill
+            with prompts drawn from the data module's ``extra_batch``, up to a cap of generation batches;
+            single process only); None (default) trains on every group of the batch.
+
+    After each step the module publishes the step's per-domain statistics (share of zero-variance groups,
+    mean reward, over every generated group) as ``last_domain_stats``; :class:`qoq.callbacks.DomainStatsFeedback`,
+    which the module adds to the trainer, hands them to the data module (``sampler: adaptive``).
     """
 
     def __init__(
@@ -115,6 +124,7 @@ class PolicyOptimization(L.LightningModule):
         domain_key: Literal["domain", "dataset"] = "domain",
         trace_every: int = 10,
         engine_dir: str | None = None,
+        dynamic_sampling: DynamicSampling | None = None,
     ) -> None:
         super().__init__()
         # Checkpoints keep the components' config, never pickled objects, so they load with
@@ -122,7 +132,7 @@ class PolicyOptimization(L.LightningModule):
         # `load_from_checkpoint` and `qoq test --ckpt_path` rebuild the model); built in Python, the
         # component objects are left out and the dataclasses are stored as dicts.
         from_config = _given_hyperparameters.get() is not None
-        objects = ["policy", "advantage", "reward", "rollout", "sampling", "eval_sampling", "loss"]
+        objects = ["policy", "advantage", "reward", "rollout", "sampling", "eval_sampling", "loss", "dynamic_sampling"]
         self.save_hyperparameters(ignore=None if from_config else objects)
         self.automatic_optimization = False
         self.policy = policy
@@ -135,6 +145,9 @@ class PolicyOptimization(L.LightningModule):
         for name, value in (("sampling", self.sampling), ("eval_sampling", self.eval_sampling), ("loss", self.loss_cfg)):
             if not isinstance(self.hparams.get(name), dict):
                 self.hparams[name] = asdict(value)
+        self.dynamic_sampling = dynamic_sampling
+        if dynamic_sampling is not None and not isinstance(self.hparams.get("dynamic_sampling"), dict):
+            self.hparams["dynamic_sampling"] = asdict(dynamic_sampling)
         self.ppo_epochs = ppo_epochs
         self.mini_batches = mini_batches
         self.micro_batch_size = micro_batch_size
@@ -148,6 +161,8 @@ class PolicyOptimization(L.LightningModule):
         self.reference: Policy | None = None
         self.domain_names: dict[int, str] = {}  # DRPO domain id -> key, for logging; saved in checkpoints
         self.last_rollout_trace: list[dict[str, Any]] | None = None
+        #: Domain name -> statistics of the last training step (read by DomainStatsFeedback).
+        self.last_domain_stats: dict[str, dict[str, float]] | None = None
         self._step_keys: set[str] = set()  # every per-step metric name logged so far
         self._configured = False
         self._engine_ready = False
@@ -196,7 +211,15 @@ class PolicyOptimization(L.LightningModule):
         self._engine_ready = True
 
     def on_fit_start(self) -> None:
+        if self.dynamic_sampling is not None and self.trainer.world_size > 1:
+            raise ValueError("dynamic_sampling is single-process only (ranks would refill to different sizes)")
         self._ensure_engine()
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """The per-domain statistics feedback to the data module (a no-op unless it samples adaptively)."""
+        from qoq.callbacks.feedback import DomainStatsFeedback
+
+        return [DomainStatsFeedback()]
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._resume_rng is not None:
@@ -220,20 +243,9 @@ class PolicyOptimization(L.LightningModule):
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
         timers: dict[str, float] = {}
         clock = _Clock(timers)
-        params = self.sampling
-        if params.seed is not None:
-            params = SamplingParams(**{**asdict(params), "seed": params.seed + self.global_step})
-
-        with clock("rollout"):
-            with torch.no_grad():
-                embeds = self.policy.prompt_embeds(batch)  # P x [L_i, H]
-            rollout = self.rollout.generate([e.detach() for e in embeds], params)
-            rollout = _to_device(rollout, self.device)
-
-        with clock("reward"):
-            targets = [batch.targets[i] for i in rollout.prompt_index.tolist()]
-            scored = self.reward(rollout.texts, targets)
-            rewards = scored.total.to(self.device, torch.float32)  # [N]
+        collected = self._collect(batch, clock)
+        batch, rollout, scored, embeds = collected.batch, collected.rollout, collected.scored, collected.embeds
+        rewards = scored.total.to(self.device, torch.float32)  # [N]
 
         mask = rollout.response_mask
         with clock("logprobs"):
@@ -259,12 +271,68 @@ class PolicyOptimization(L.LightningModule):
         with clock("sync"), strategies.full_parameters(self.trainer.model):  # sharded weights: gathered
             report = self.rollout.sync_weights(self.policy.lm_weights_for_sync())
 
+        self.last_domain_stats = self._domain_stats(collected)
+        extra = {f"train/{k}": v for k, v in collected.metrics.items()}
+        for domain, stats in self.last_domain_stats.items():
+            extra[f"train/zero_var_frac/{domain}"] = stats["zero_var_frac"]
         self._log_step(batch, rollout, scored, rewards, advantages, adv_out.metrics, keys, old_logp, update_metrics,
-                       report, timers)
+                       report, timers, extra)
         if self.trace_every and self.global_step % self.trace_every == 0:
             self.last_rollout_trace = _trace(batch, rollout, scored, advantages, self.global_step)
         else:
             self.last_rollout_trace = None
+
+    def _collect(self, batch: PromptBatch, clock: _Clock) -> Collected:
+        """The step's rollouts and rewards: of its batch, or with dynamic sampling, of the informative
+        groups of up to ``max_gen_batches`` generations (extra prompts from the data module)."""
+
+        def generate(prompts: PromptBatch, k: int) -> tuple[list[Tensor], RolloutBatch, RewardOutput]:
+            params = self.sampling
+            if params.seed is not None:  # a distinct seed per step and per generation of the step
+                params = replace(params, seed=params.seed + self.global_step + 1_000_003 * k)
+            with clock("rollout"):
+                with torch.no_grad():
+                    embeds = self.policy.prompt_embeds(prompts)  # P x [L_i, H]
+                rollout = self.rollout.generate([e.detach() for e in embeds], params)
+                rollout = _to_device(rollout, self.device)
+            with clock("reward"):
+                scored = self.reward(rollout.texts, [prompts.targets[i] for i in rollout.prompt_index.tolist()])
+            return embeds, rollout, scored
+
+        if self.dynamic_sampling is None:
+            return collect_plain(batch, generate)
+        source = getattr(self.trainer.datamodule, "extra_batch", None)
+        if source is None:
+            raise ValueError(
+                "dynamic_sampling draws more prompts from the data module's extra_batch(stream_index, draw); "
+                "fit with a qoq data module (e.g. qoq.data.MultiDomainDataModule)"
+            )
+
+        def draw(k: int) -> PromptBatch:
+            with clock("data"):
+                return source(batch.stream_index, k).to(self.device)
+
+        pad_id = self.policy.tokenizer.pad_token_id
+        return collect_dynamic(batch, generate, draw, self.dynamic_sampling, 0 if pad_id is None else int(pad_id))
+
+    def _domain_stats(self, collected: Collected) -> dict[str, dict[str, float]]:
+        """Per clinical domain, over every group generated this step (all ranks): zero-variance share, mean reward."""
+        from qoq.data.domains import DOMAINS
+
+        rewards = collected.generated_rewards.to(self.device, torch.float32)
+        groups = collected.generated_groups.to(self.device)
+        domains = collected.generated_domains.to(self.device)
+        if self.trainer.world_size > 1:  # every rank's data module gets the same statistics
+            gathered = self.all_gather({"r": rewards, "g": groups, "d": domains})
+            span = int(gathered["g"].max()) + 1  # ranks' groups are disjoint: offset group ids by rank
+            offsets = torch.arange(gathered["g"].shape[0], device=self.device)[:, None] * span
+            rewards, groups, domains = gathered["r"].flatten(), (gathered["g"] + offsets).flatten(), gathered["d"].flatten()
+        stats = domain_batch_stats(rewards.cpu(), groups.cpu(), domains.cpu(), tol=self._zero_var_tol)
+        return {DOMAINS[d]: s for d, s in stats.items()}
+
+    @property
+    def _zero_var_tol(self) -> float:
+        return self.dynamic_sampling.tol if self.dynamic_sampling is not None else 1e-8
 
     @property
     def _train_temperature(self) -> float:
@@ -412,7 +480,7 @@ class PolicyOptimization(L.LightningModule):
 
     # ------------------------------------------------------------------ logging
     def _log_step(self, batch, rollout, scored, rewards, advantages, adv_metrics, keys, old_logp, update_metrics,
-                  report, timers) -> None:
+                  report, timers, extra=None) -> None:
         mask = rollout.response_mask
         lengths = mask.sum(-1).float()
         logs: dict[str, Any] = {
@@ -448,6 +516,7 @@ class PolicyOptimization(L.LightningModule):
             if diff.numel():
                 logs["train/logp_mismatch_mean"] = diff.mean()
                 logs["train/logp_mismatch_max"] = diff.max()
+        logs.update(extra or {})
         for k, v in timers.items():
             logs[f"time/{k}"] = v
         total = sum(timers.values())

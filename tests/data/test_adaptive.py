@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from qoq.data.adaptive import AdaptiveDomainSampler, allocate_group_sizes
+from qoq.data.adaptive import AdaptiveDomainSampler, AdaptiveSampling, AdaptiveSchedule, allocate_group_sizes
 
 
 def stats(zero_var: float, reward: float) -> dict[str, float]:
@@ -97,6 +97,54 @@ def test_bad_configuration_and_reports_raise():
     with pytest.raises(ValueError, match="zero_var_frac must be in"):
         sampler.update({"a": stats(1.5, 0.0)})
     assert sampler.updates == 0 and sampler.state_dict()["zero_var"] == {}  # a bad report changes nothing
+
+
+# ------------------------------------------------------------------------------------ the schedule
+def _schedule(**kw) -> AdaptiveSchedule:
+    settings = AdaptiveSampling(**{"momentum": 0.0, "eta": 1.0, "floor": 0.1, "lag": 2, **kw})
+    return AdaptiveSchedule(settings.sampler(["a", "b"]), lag=settings.lag, keep=3)
+
+
+def test_schedule_draws_batch_b_with_the_report_of_batch_b_minus_lag():
+    schedule = _schedule()
+    assert schedule.probabilities(0) == schedule.probabilities(1) == [0.5, 0.5]  # nothing to lag behind yet
+    with pytest.raises(RuntimeError, match="statistics of batch 0"):
+        schedule.probabilities(2)  # its report may still come: never drawn from a guess
+    # batch 0: every group of a scored alike -> need a = 1 + .5, b = 0 + .5 -> p_a = e / (e + 1)
+    schedule.observe(0, {"a": stats(1.0, 0.5), "b": stats(0.0, 0.5)})
+    p_a = math.e / (math.e + 1)
+    assert schedule.probabilities(2) == pytest.approx([p_a, 1 - p_a])
+    assert schedule.probabilities(1) == [0.5, 0.5]  # batch 1 was drawn before the report: unchanged
+    schedule.observe(1, {"a": stats(0.0, 0.5), "b": stats(0.0, 0.5)})  # momentum 0: back to even
+    assert schedule.probabilities(3) == pytest.approx([0.5, 0.5])
+    assert schedule.probabilities(2) == pytest.approx([p_a, 1 - p_a])  # still the report of batch 0
+    with pytest.raises(ValueError, match="after the report for batch 1"):
+        schedule.observe(1, {"a": stats(0.0, 0.5)})
+
+
+def test_schedule_never_goes_below_the_floor():
+    schedule = _schedule(eta=50.0)
+    schedule.observe(0, {"a": stats(1.0, 0.0), "b": stats(0.0, 1.0)})
+    assert schedule.probabilities(2) == pytest.approx([0.9, 0.1])  # b at the floor 0.1, a takes the rest
+
+
+def test_schedule_state_round_trip_and_gaps():
+    schedule = _schedule()
+    for index, z in [(0, 1.0), (1, 0.5), (3, 0.0), (4, 0.25)]:  # no report for batch 2
+        schedule.observe(index, {"a": stats(z, 0.5), "b": stats(0.0, 0.5)})
+    restored = _schedule()
+    restored.load_state_dict(schedule.state_dict())
+    for b in (5, 6):  # the last report (batch 4) counts from batch 6 on
+        assert restored.probabilities(b) == schedule.probabilities(b)
+    # batch 4 lags to batch 2, which had no report: the state after batch 1's report
+    assert restored.probabilities(4) == schedule.probabilities(3)
+    with pytest.raises(RuntimeError, match="older than the kept snapshots"):
+        restored.probabilities(2)  # keep=3: the snapshot of batch 0 is gone
+    for s in (schedule, restored):
+        s.observe(5, {"a": stats(0.0, 0.0), "b": stats(1.0, 1.0)})
+    assert restored.state_dict() == schedule.state_dict()
+    with pytest.raises(ValueError, match="lag"):
+        AdaptiveSchedule(AdaptiveSampling(lag=3).sampler(["a", "b"]), lag=3).load_state_dict(schedule.state_dict())
 
 
 # ------------------------------------------------------------------------------ group-size allocation

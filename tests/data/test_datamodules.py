@@ -253,3 +253,88 @@ def test_filters_real_only_and_vocabularies(manifest: str) -> None:
         MultiDomainDataModule(manifests=[manifest], domains=["radiology"])
     with pytest.raises(ValueError, match="manifests"):
         MultiDomainDataModule()
+
+
+# ------------------------------------------------------------------------------- adaptive sampling
+def _domain_stats(batch: PromptBatch) -> dict[str, dict[str, float]]:
+    """Fake RL feedback: every ecg group scored alike and low, the other domains have signal."""
+    return {d: {"zero_var_frac": 1.0 if d == "ecg" else 0.0, "mean_reward": 0.1 if d == "ecg" else 0.9}
+            for d in set(batch.domains)}  # fmt: skip
+
+
+class _Reporter(_Recorder):
+    """A recorder that reports per-domain statistics the way PolicyOptimization does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last_domain_stats: dict[str, dict[str, float]] | None = None
+
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> torch.Tensor:
+        self.last_domain_stats = _domain_stats(batch)
+        return super().training_step(batch, batch_idx)
+
+    def configure_callbacks(self):
+        from qoq.callbacks import DomainStatsFeedback
+
+        return [DomainStatsFeedback()]
+
+
+def _adaptive(manifest: str, **kw) -> MultiDomainDataModule:
+    from qoq.data.adaptive import AdaptiveSampling
+
+    settings = AdaptiveSampling(momentum=0.5, eta=3.0, floor=0.05)
+    return MultiDomainDataModule(manifests=[manifest], batch_size=4, image_size=4, steps_per_epoch=4,
+                                 sampler="adaptive", adaptive=settings, seed=5, **kw)  # fmt: skip
+
+
+def _fit_adaptive(manifest: str, max_steps: int, ckpt: Path | None = None, save: Path | None = None):
+    model, dm = _Reporter(), _adaptive(manifest)
+    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        num_sanity_val_steps=0)  # fmt: skip
+    trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
+    if save is not None:
+        trainer.save_checkpoint(save)
+    return model.seen, dm
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_adaptive_stream_follows_the_reports_and_resumes_exactly(manifest: str, tmp_path: Path) -> None:
+    whole, dm = _fit_adaptive(manifest, 10)
+    first, _ = _fit_adaptive(manifest, 4, save=tmp_path / "step4.ckpt")
+    second, resumed = _fit_adaptive(manifest, 10, ckpt=tmp_path / "step4.ckpt")
+    assert len(whole) == 10 and first == whole[:4]
+    assert second == whole[4:]  # the same batches, across the stream's epoch boundary, after resume
+    assert resumed.state_dict() == dm.state_dict()
+    # ecg (5 % of the records, base p = 0.05) had no signal in every report: sampled far more often now
+    p = dm.domain_probabilities()
+    assert p["ecg"] > 0.5 and min(p.values()) >= 0.05 - 1e-12
+    state = torch.load(tmp_path / "step4.ckpt", map_location="cpu", weights_only=True)
+    saved = next(v for k, v in state.items() if k.endswith("MultiDomainDataModule"))
+    assert saved["sampler"] == "adaptive" and saved["adaptive"]["last"] == 3
+    # the first two batches are drawn from the natural mixture lifted to the floor (ecg 4 / 89 -> 0.05)
+    initial = dict(zip(dm.sampler().names, dm.schedule().initial))
+    assert initial["ecg"] == pytest.approx(0.05)
+    assert [dm.train_records[i].id for i in dm.sampler().batch(0, 1, dm.schedule().initial)] == whole[1]
+
+
+def test_adaptive_without_reports_refuses_to_guess(manifest: str) -> None:
+    dm = _adaptive(manifest)
+    dm.setup("fit")
+    with pytest.raises(RuntimeError, match="statistics of batch 0"):
+        _take(dm, 3)
+    with pytest.raises(ValueError, match="num_workers: 0"):
+        _adaptive(manifest, num_workers=1)
+
+
+def test_extra_batches_are_a_pure_function_of_position_and_draw(manifest: str) -> None:
+    dm, again = _module(manifest, steps_per_epoch=4, seed=3), _module(manifest, steps_per_epoch=4, seed=3)
+    stream = _take(dm, 2)
+    one, two = dm.extra_batch(5, 1), dm.extra_batch(5, 2)
+    assert one.ids == again.extra_batch(5, 1).ids and two.ids == again.extra_batch(5, 2).ids
+    assert one.ids != two.ids and one.stream_index == -1 and len(one) == 4
+    epoch, index = divmod(5, 4)
+    assert one.ids == [dm.train_records[i].id for i in dm.sampler().batch(epoch, index, draw=1)]
+    assert [b.ids for b in _take(_module(manifest, steps_per_epoch=4, seed=3), 2)] == [b.ids for b in stream]
+    with pytest.raises(ValueError, match="draw >= 1"):
+        dm.extra_batch(5, 0)

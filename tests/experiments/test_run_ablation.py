@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from experiments.run_ablation import (
+    BALANCING_METHODS,
+    ROOT,
     SFT,
     Plan,
     fmt,
@@ -52,6 +54,20 @@ def test_smoke_defaults_stay_out_of_the_results_folder(tmp_path: Path) -> None:
     plan = plan_from_args(parse_args(["--smoke", "--root", str(tmp_path)]))
     assert plan.results == tmp_path / "results" and plan.steps == 2 and plan.sft_steps == 2
     assert plan_from_args(parse_args([])).results.parts[-2:] == ("experiments", "results")
+
+
+def test_balancing_methods_join_the_same_ablation(tmp_path: Path) -> None:
+    plan = plan_from_args(parse_args(["--methods", "grpo", "drpo", "--balancing", "--root", str(tmp_path)]))
+    assert plan.methods == ("grpo", "drpo", "gdpo", "disco", "fairgrpo", "drpo_adaptive", "grpo_adaptive",
+                            "grpo_dynamic")  # fmt: skip
+    assert all((ROOT / "configs" / "algorithm" / f"{m}.yaml").is_file() for m in BALANCING_METHODS)
+    # one algorithm file swapped, same seeds and SFT start: the runs are comparable seed by seed
+    grpo, dynamic = plan.fit_argv("grpo", 0), plan.fit_argv("grpo_dynamic", 0)
+    assert [(a, b) for a, b in zip(grpo, dynamic) if a != b] == [
+        ("configs/algorithm/grpo.yaml", "configs/algorithm/grpo_dynamic.yaml"),
+        (str(tmp_path / "grpo/seed0"), str(tmp_path / "grpo_dynamic/seed0")),
+    ]
+    assert "--balancing" not in plan.command() and "grpo_dynamic" in plan.command()
 
 
 def test_statistics_by_hand() -> None:
