@@ -512,14 +512,18 @@ class ClinicalDataModule(L.LightningDataModule):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Continue the stream where the saved run stopped.
+        """Continue the stream where the saved run stopped (a resumed fit); evaluation ignores the stream.
 
         Args:
             state_dict: what :meth:`state_dict` returned.
 
         Raises:
-            ValueError: if the saved stream settings differ from this module's (the stream would differ).
+            ValueError: when fitting, if the saved stream settings differ from this module's (the stream
+                would differ).
         """
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.state.fn != "fit":
+            return  # test / validate / predict with --ckpt_path: no training stream to continue
         for key, mine in self._stream_settings().items():
             saved = state_dict.get(key)
             if mine is not None and saved is not None and saved != mine:

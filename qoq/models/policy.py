@@ -525,7 +525,10 @@ class Policy(L.LightningModule):
         Raises:
             ValueError: the fingerprints differ.
         """
-        if saved is not None and saved != self.tokenizer_fingerprint:
+        if saved is None:
+            return
+        self.configure_model()  # no-op when built
+        if saved != self.tokenizer_fingerprint:
             raise ValueError(
                 f"{source}: the checkpoint was trained with another tokenizer (fingerprint {saved}, this "
                 f"policy's is {self.tokenizer_fingerprint}). Build the policy from the same config (a run-time "
@@ -536,7 +539,6 @@ class Policy(L.LightningModule):
         checkpoint["tokenizer_fingerprint"] = self.tokenizer_fingerprint
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:  # noqa: D102 - Lightning hook
-        self.configure_model()  # no-op when built; load_from_checkpoint calls this hook first
         source = getattr(self._trainer, "ckpt_path", None) or "checkpoint"
         self.check_tokenizer(checkpoint.get("tokenizer_fingerprint"), source)
 

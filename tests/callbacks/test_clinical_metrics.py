@@ -178,8 +178,6 @@ def test_bad_input_is_named(label_space, records):
 # ---------------------------------------------------------------------------------------- 2 ranks (gloo)
 def _rank(rank: int, world: int, port: int, label_space, parts, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if torch.distributed.is_initialized():  # forked from a test process that built an in-process vLLM engine
-        torch.distributed.destroy_process_group()
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
         metric = ClinicalMetrics(label_space, split="test")
@@ -199,12 +197,14 @@ def test_two_ranks_sync_to_the_single_process_result(records, label_space):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = mp.get_context("fork")  # no re-import in the children (spawn costs ~20 s of imports here)
+    # fork: no re-import in the children (spawn costs ~20 s of imports here); but a process group made by an
+    # earlier test's in-process vLLM engine would be inherited, and a process can initialize only one
+    ctx = mp.get_context("spawn" if torch.distributed.is_initialized() else "fork")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_rank, args=(r, 2, port, label_space, parts, queue)) for r in range(2)]
     for p in procs:
         p.start()
-    results = sorted(queue.get(timeout=120) for _ in procs)
+    results = sorted(queue.get(timeout=300) for _ in procs)
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
