@@ -260,12 +260,13 @@ class PolicyOptimization(L.LightningModule):
                 old_logp, known, behaviour_logp = self._old_logprobs(embeds, rollout, plan, ref_logp is not None)
 
         with clock("advantage"):
-            keys = [self._domain_key(batch, i) for i in rollout.prompt_index.tolist()]
-            domain_ids = torch.tensor([self._domain_id(k) for k in keys], device=self.device)
+            prompt_keys = [self._domain_key(batch, i) for i in range(len(batch))]  # per prompt, not per row
+            prompt_domains = torch.tensor([self._domain_id(k) for k in prompt_keys], device=self.device)  # [P]
+            domain_ids = prompt_domains[rollout.prompt_index]  # [N]
+            keys = [prompt_keys[i] for i in rollout.prompt_index.tolist()]
             kl_seq = None
             if behaviour_logp is not None:
-                kl_tok = losses.kl_penalty(behaviour_logp, ref_logp, "k3")
-                kl_seq = (kl_tok * mask).sum(-1) / mask.sum(-1).clamp_min(1)  # [N]
+                kl_seq = losses.response_kl(behaviour_logp, ref_logp, mask, "k3")  # [N]
             adv_out = self._advantages(rewards, rollout.prompt_index, domain_ids, kl_seq, scored.components)
             advantages = adv_out.advantages.to(self.device)  # [N]
 
