@@ -73,9 +73,9 @@ class Grid:
 
 FULL = Grid(
     lm=dict(hidden_size=256, num_layers=6, num_heads=4, num_kv_heads=2),
-    prompts=(4, 8, 16),
+    prompts=(4, 16),
     n=4,
-    lengths=(32, 128),
+    lengths=(32, 96),
     budgets=(None, 2048),
 )
 SMOKE = Grid(lm=dict(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1), prompts=(2,), n=2, lengths=(8,),
