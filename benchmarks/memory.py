@@ -4,8 +4,11 @@ One GRPO step of :class:`qoq.systems.PolicyOptimization` (a text-only TinyLM pol
 never stop early, so every response has exactly ``max_new_tokens`` tokens) is split into its phases:
 
 - ``rollout``: ``RolloutEngine.generate`` (KV cache of ``P * n`` rows),
-- ``logprobs``: the no-grad old / reference log-prob passes (``[N, L + R]`` activations, ``[N, R, V]``
-  logits),
+- ``logprobs``: the no-grad old / reference log-prob passes (the prompts once plus ``[N, R]`` response
+  activations on their shared KV cache, ``[N, R, V]`` logits). The old-log-prob pass is forced
+  (``old_logprobs="forward"``) so that this phase is measured: by default an on-policy step without a KL
+  reference skips it (the gradient pass gives the old log-probs), but it runs for later mini-batches
+  and, with a KL term, for the reference,
 - ``update``: the forward + backward passes and the optimizer step; ``token_budget`` bounds the rows per
   backward pass.
 
@@ -14,7 +17,7 @@ held when the phase began (freed heap is returned to the system first, ``malloc_
 sampled every millisecond, so short spikes can be missed); on a GPU it is ``torch.cuda.max_memory_allocated``
 above the allocation at the phase start. The last of ``steps`` steps is reported (the first warms up).
 
-    python -m benchmarks.memory            # the full grid (a ~5M-parameter policy), a few minutes on CPU
+    python -m benchmarks.memory            # the full grid (a ~5M-parameter policy), ~3-5 minutes on 2 cores
     python -m benchmarks.memory --smoke    # one tiny configuration per setting (~30 s); figures not meaningful
 """
 
@@ -72,9 +75,9 @@ class Grid:
 
 FULL = Grid(
     lm={"hidden_size": 256, "num_layers": 6, "num_heads": 4, "num_kv_heads": 2},
-    prompts=(4, 8, 16),
+    prompts=(4, 16),
     n=4,
-    lengths=(32, 128),
+    lengths=(32, 96),
     budgets=(None, 2048),
 )
 SMOKE = Grid(
@@ -223,6 +226,7 @@ def measure(
             sampling=SamplingParams(n=n, max_new_tokens=length, temperature=1.0, seed=0),
             loss=LossConfig(kl_coef=0.0),
             token_budget=token_budget,
+            old_logprobs="forward",
             lr=1e-5,
             trace_every=0,
             engine_dir=str(Path(tmp) / "engine"),

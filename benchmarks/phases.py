@@ -37,7 +37,7 @@ class Settings:
         timeout: seconds allowed per run.
     """
 
-    steps: int = 12
+    steps: int = 8
     variants: dict[str, tuple[str, ...]] = dataclasses.field(
         default_factory=lambda: {"vllm": (), "hf": ("configs/rollout/hf.yaml",)}
     )

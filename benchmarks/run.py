@@ -1,6 +1,6 @@
 """Run every qoq benchmark and rewrite ``benchmarks/RESULTS.md``: machine, versions, command, figures.
 
-    python -m benchmarks.run [--smoke] [--only step_vs_trl rollout phases drpo_cost] [--results PATH]
+    python -m benchmarks.run [--smoke] [--only step_vs_trl rollout phases drpo_cost memory] [--results PATH]
 
 Each benchmark runs in a child process of its own (``python -m benchmarks.run --child NAME``: fresh memory,
 threads and globals), which calls the benchmark module's ``run(smoke)`` and writes its figures as JSON;
@@ -27,12 +27,13 @@ from typing import Any
 
 from benchmarks import common
 
-BENCHMARKS = ("step_vs_trl", "rollout", "phases", "drpo_cost")
+BENCHMARKS = ("step_vs_trl", "rollout", "phases", "drpo_cost", "memory")
 TITLES = {
     "step_vs_trl": "qoq GRPO step vs TRL GRPOTrainer",
     "rollout": "Rollout throughput (vLLM vs HF) and weight sync",
     "phases": "Phases of a demo RL step",
     "drpo_cost": "DRPO cost per step vs history length",
+    "memory": "Peak memory per phase vs batch size, response length and token budget",
 }
 DEFAULT_RESULTS = common.ROOT / "benchmarks" / "RESULTS.md"
 DEFAULT_WORKDIR = common.ROOT / ".cache" / "bench" / "results"
@@ -42,6 +43,7 @@ TIMEOUTS = {
     "rollout": (1800, 300),
     "phases": (1200, 300),
     "drpo_cost": (900, 120),
+    "memory": (900, 180),
 }
 
 

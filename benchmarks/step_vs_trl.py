@@ -64,7 +64,7 @@ class Settings:
     prompts: int = 8
     n: int = 4
     max_new_tokens: int = 32
-    steps: int = 10
+    steps: int = 6
     warmup: int = 2
     lr: float = 1e-5
 

@@ -9,6 +9,7 @@ Shape letters used in comments:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,6 +92,43 @@ class PromptBatch:
     def __len__(self) -> int:
         return len(self.texts)
 
+    def select(self, index: Sequence[int]) -> PromptBatch:
+        """The sub-batch of the prompts at ``index`` (in that order), with their modality items.
+
+        Items keep their relative order, so the j-th placeholder of a prompt still takes its j-th item.
+
+        Args:
+            index: prompt positions in this batch (distinct).
+
+        Returns:
+            A :class:`PromptBatch` of ``len(index)`` prompts; item owners renumbered to the new positions.
+        """
+        index = list(index)
+        modalities = {}
+        for kind, items in self.modalities.items():
+            where = torch.full((len(self),), -1, dtype=torch.long, device=items.owner.device)  # old -> new
+            where[torch.as_tensor(index, dtype=torch.long, device=items.owner.device)] = torch.arange(
+                len(index), device=items.owner.device
+            )
+            owner = where[items.owner]  # [M], -1 for items of prompts left out
+            keep = torch.nonzero(owner >= 0).flatten()
+            order = keep[torch.argsort(owner[keep], stable=True)]  # items grouped by their new prompt
+            if not len(order):  # no prompt of the selection has an item of this kind
+                continue
+            modalities[kind] = ModalityBatch(items.values[order.to(items.values.device)], owner[order])
+        return PromptBatch(
+            ids=[self.ids[i] for i in index],
+            texts=[self.texts[i] for i in index],
+            modalities=modalities,
+            targets=[self.targets[i] for i in index],
+            domains=[self.domains[i] for i in index],
+            datasets=[self.datasets[i] for i in index],
+            domain_ids=self.domain_ids[torch.as_tensor(index, dtype=torch.long, device=self.domain_ids.device)],
+            references=[self.references[i] for i in index] if self.references is not None else None,
+            origins=[self.origins[i] for i in index] if self.origins else [],
+            stream_index=self.stream_index,
+        )
+
     def to(self, device: torch.device | str) -> PromptBatch:
         """Move tensors (modalities, domain ids) to ``device``; targets stay on CPU for rewards."""
         return PromptBatch(
@@ -103,35 +141,6 @@ class PromptBatch:
             domain_ids=self.domain_ids.to(device),
             references=self.references,
             origins=self.origins,
-            stream_index=self.stream_index,
-        )
-
-    def select(self, prompts: list[int]) -> PromptBatch:
-        """The sub-batch of the given prompts, in the given order (modality items follow their prompts).
-
-        Args:
-            prompts: prompt indices into this batch.
-        """
-        new = {p: j for j, p in enumerate(prompts)}
-        modalities = {}
-        for kind, items in self.modalities.items():
-            owners = items.owner.tolist()
-            take = [m for p in prompts for m, o in enumerate(owners) if o == p]  # [M'] in prompt order
-            if take:
-                index = torch.tensor(take, dtype=torch.long, device=items.values.device)
-                owner = torch.tensor([new[owners[m]] for m in take], dtype=torch.long, device=items.owner.device)
-                modalities[kind] = ModalityBatch(items.values[index], owner)
-        pick = torch.tensor(prompts, dtype=torch.long, device=self.domain_ids.device)
-        return PromptBatch(
-            ids=[self.ids[p] for p in prompts],
-            texts=[self.texts[p] for p in prompts],
-            modalities=modalities,
-            targets=[self.targets[p] for p in prompts],
-            domains=[self.domains[p] for p in prompts],
-            datasets=[self.datasets[p] for p in prompts],
-            domain_ids=self.domain_ids[pick],
-            references=[self.references[p] for p in prompts] if self.references is not None else None,
-            origins=[self.origins[p] for p in prompts] if self.origins else [],
             stream_index=self.stream_index,
         )
 

@@ -84,6 +84,19 @@ class PolicyOptimization(L.LightningModule):
         token_budget: split micro-batches by padded tokens instead: each holds as many responses as fit
             ``rows x (longest prompt + response width) <= token_budget`` (at least one); bounds activation
             memory when lengths vary. Combined with ``micro_batch_size``, both limits hold.
+        old_logprobs: where the old (sampling-policy) log-probs of the PPO ratio come from.
+            ``"reuse"`` (default): responses in the first mini-batch of the first epoch (every response
+            when ``mini_batches=1``) take the detached log-probs of their own gradient pass: the weights
+            have not moved yet, so these are exactly the old log-probs (ratio 1; with dropout, the same
+            mask) and the separate no-grad forward is skipped; only the other mini-batches' responses get
+            that forward before the update. DRPO's KL damping (an estimator with ``needs_kl``) needs
+            KL(sampling policy || reference) before the update: it then uses the engine's own log-probs
+            (``RolloutBatch.engine_logprobs``, reported by both engines) when sampling has no top-k / top-p
+            cut, and otherwise falls back to the forward over every response. The engine's log-probs are
+            renormalised over the non-suppressed tokens and come from the engine's kernels, so they differ
+            from the trainer's by ``train/logp_mismatch_*`` (logged every step). ``"forward"``: always the
+            separate no-grad forward over every response before the update, used for the ratio, the KL
+            damping and the mismatch metric (the exact behaviour of earlier versions).
         lr: learning rate (AdamW).
         weight_decay: AdamW weight decay.
         betas: AdamW betas.
@@ -116,6 +129,7 @@ class PolicyOptimization(L.LightningModule):
         mini_batches: int = 1,
         micro_batch_size: int | None = None,
         token_budget: int | None = None,
+        old_logprobs: Literal["reuse", "forward"] = "reuse",
         lr: float = 1e-5,
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -154,6 +168,9 @@ class PolicyOptimization(L.LightningModule):
         if token_budget is not None and token_budget < 1:
             raise ValueError(f"token_budget must be >= 1 or None, got {token_budget}")
         self.token_budget = token_budget
+        if old_logprobs not in ("reuse", "forward"):
+            raise ValueError(f"old_logprobs must be 'reuse' or 'forward', got {old_logprobs!r}")
+        self.old_logprobs = old_logprobs
         self.domain_key = domain_key
         self.trace_every = trace_every
         self.engine_dir = engine_dir
@@ -248,25 +265,27 @@ class PolicyOptimization(L.LightningModule):
         rewards = scored.total.to(self.device, torch.float32)  # [N]
 
         mask = rollout.response_mask
+        plan = self._mini_batch_plan(rollout, len(batch))
         with clock("logprobs"):
             with torch.no_grad():
-                old_logp, _ = self.policy.response_logprobs(
-                    embeds, rollout.response_ids, mask, rollout.prompt_index, temperature=self._train_temperature
-                )  # [N, R]
                 ref_logp = self._reference_logprobs(batch, embeds, rollout)  # [N, R] or None
+                old_logp, known, behaviour_logp = self._old_logprobs(embeds, rollout, plan, ref_logp is not None)
 
         with clock("advantage"):
-            keys = [self._domain_key(batch, i) for i in rollout.prompt_index.tolist()]
-            domain_ids = torch.tensor([self._domain_id(k) for k in keys], device=self.device)
+            prompt_keys = [self._domain_key(batch, i) for i in range(len(batch))]  # per prompt, not per row
+            prompt_domains = torch.tensor([self._domain_id(k) for k in prompt_keys], device=self.device)  # [P]
+            domain_ids = prompt_domains[rollout.prompt_index]  # [N]
+            keys = [prompt_keys[i] for i in rollout.prompt_index.tolist()]
             kl_seq = None
-            if ref_logp is not None and getattr(self.advantage, "needs_kl", False):
-                kl_tok = losses.kl_penalty(old_logp, ref_logp, "k3")
-                kl_seq = (kl_tok * mask).sum(-1) / mask.sum(-1).clamp_min(1)  # [N]
+            if behaviour_logp is not None:
+                kl_seq = losses.response_kl(behaviour_logp, ref_logp, mask, "k3")  # [N]
             adv_out = self._advantages(rewards, rollout.prompt_index, domain_ids, kl_seq, scored.components)
             advantages = adv_out.advantages.to(self.device)  # [N]
 
         with clock("update"):
-            update_metrics = self._update(batch, rollout, old_logp, ref_logp, advantages, [len(e) for e in embeds])
+            update_metrics = self._update(
+                batch, rollout, old_logp, ref_logp, advantages, [len(e) for e in embeds], known=known, plan=plan
+            )
 
         with clock("sync"), strategies.full_parameters(self.trainer.model):  # sharded weights: gathered
             report = self.rollout.sync_weights(self.policy.lm_weights_for_sync())
@@ -347,6 +366,54 @@ class PolicyOptimization(L.LightningModule):
         self.domain_names[ident] = key
         return ident
 
+    def _old_logprobs(
+        self, embeds: list[Tensor], rollout: RolloutBatch, plan: list[list[Tensor]], have_ref: bool
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Old log-probs known before the update, and the log-probs DRPO's KL damping compares with the reference.
+
+        See ``old_logprobs`` in the class docstring for the policy.
+
+        Args:
+            embeds: P prompt embeddings (no grad).
+            rollout: the N responses.
+            plan: the update's rows per epoch and mini-batch (:meth:`_mini_batch_plan`).
+            have_ref: whether reference log-probs exist (KL damping needs them).
+
+        Returns:
+            ``old_logp [N, R]`` (0 on rows not computed yet), ``known [N]`` bool (rows whose old log-probs are
+            in ``old_logp``; the others are filled by their first gradient pass in :meth:`_update`), and the
+            ``[N, R]`` behaviour log-probs for KL damping, or None when the estimator does not damp.
+        """
+        n = len(rollout.prompt_index)
+        device = rollout.response_ids.device
+        damping = have_ref and getattr(self.advantage, "needs_kl", False)
+        need = torch.ones(n, dtype=torch.bool, device=device)  # rows that get the no-grad forward now
+        behaviour = None
+        if self.old_logprobs == "reuse":
+            need[plan[0][0]] = False  # the first mini-batch's own gradient pass gives theirs
+            if damping and self._engine_logprobs_are_exact(rollout):
+                behaviour = rollout.engine_logprobs.to(device, torch.float32)
+            elif damping:
+                need[:] = True
+        old_logp = torch.zeros(rollout.response_ids.shape, dtype=torch.float32, device=device)  # [N, R]
+        rows = torch.nonzero(need).flatten()
+        if len(rows):
+            old_logp[rows] = self.policy.response_logprobs(
+                embeds,
+                rollout.response_ids[rows],
+                rollout.response_mask[rows],
+                rollout.prompt_index[rows],
+                temperature=self._train_temperature,
+            )[0]
+        if damping and behaviour is None:
+            behaviour = old_logp
+        return old_logp, need, behaviour
+
+    def _engine_logprobs_are_exact(self, rollout: RolloutBatch) -> bool:
+        """Whether the engine's log-probs are ``log_softmax(logits / T)`` up to suppressed tokens (no top-k/p cut)."""
+        params = self.sampling
+        return rollout.engine_logprobs is not None and params.top_k <= 0 and params.top_p >= 1.0
+
     def _reference_logprobs(self, batch: PromptBatch, embeds: list[Tensor], rollout: RolloutBatch) -> Tensor | None:
         if not (self.loss_cfg.kl_coef > 0 or getattr(self.advantage, "needs_kl", False)):
             return None
@@ -409,39 +476,86 @@ class PolicyOptimization(L.LightningModule):
         return out
 
     def _grad_logprobs(self, batch: PromptBatch, rollout: RolloutBatch, micro: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Current-policy log-probs (and entropy) of the ``micro`` rows, with gradients."""
-        embeds = self.policy.prompt_embeds(batch)  # with grad into trainable encoders/projector
+        """Current-policy log-probs (and entropy) of the ``micro`` rows, with gradients.
+
+        Only the prompts these rows answer are embedded (encoders + projector + text embeddings, with grad
+        into the trainable ones), each once.
+        """
+        index = rollout.prompt_index[micro]  # [n_micro]
+        used = torch.unique(index)  # [U] sorted
+        if len(used) == len(batch):
+            embeds = self.policy.prompt_embeds(batch)
+        else:
+            embeds = self.policy.prompt_embeds(batch.select(used.tolist()))
+            index = torch.searchsorted(used, index)  # prompt positions in the sub-batch
         return self.policy.response_logprobs(
             embeds,
             rollout.response_ids[micro],
             rollout.response_mask[micro],
-            rollout.prompt_index[micro],
+            index,
             temperature=self._train_temperature,
             with_entropy=self.loss_cfg.entropy_coef > 0,
         )
 
-    def _update(
-        self, batch: PromptBatch, rollout: RolloutBatch, old_logp: Tensor, ref_logp: Tensor | None, advantages: Tensor,
-        prompt_lengths: list[int] | None = None,
-    ) -> dict[str, Tensor]:
-        """``ppo_epochs`` x ``mini_batches`` optimizer steps; returns the mean of the loss metrics."""
-        opt = self.optimizers()
-        cfg = self.loss_cfg
-        num_groups = len(batch)
+    def _mini_batch_plan(self, rollout: RolloutBatch, num_groups: int) -> list[list[Tensor]]:
+        """The update's response rows, per epoch and mini-batch (mini-batches split by group).
+
+        The group order is shuffled per epoch when ``mini_batches > 1``, by a generator seeded with the global
+        step (reproducible and resumable).
+        """
         group_order = torch.arange(num_groups)
-        collected: dict[str, list[Tensor]] = defaultdict(list)
         gen = torch.Generator().manual_seed(int(self.global_step))
+        index = rollout.prompt_index.cpu()
+        plan = []
         for _ in range(self.ppo_epochs):
             if self.mini_batches > 1:
                 group_order = torch.randperm(num_groups, generator=gen)
-            for groups in group_order.chunk(self.mini_batches):
-                rows = torch.nonzero(torch.isin(rollout.prompt_index.cpu(), groups)).flatten().to(self.device)  # [n_mb]
+            plan.append(
+                [
+                    torch.nonzero(torch.isin(index, groups)).flatten().to(rollout.prompt_index.device)  # [n_mb]
+                    for groups in group_order.chunk(self.mini_batches)
+                ]
+            )
+        return plan
+
+    def _update(
+        self, batch: PromptBatch, rollout: RolloutBatch, old_logp: Tensor, ref_logp: Tensor | None, advantages: Tensor,
+        prompt_lengths: list[int] | None = None, known: Tensor | None = None, plan: list[list[Tensor]] | None = None,
+    ) -> dict[str, Tensor]:
+        """``ppo_epochs`` x ``mini_batches`` optimizer steps; returns the mean of the loss metrics.
+
+        Args:
+            batch: the P prompts.
+            rollout: their N responses.
+            old_logp: ``[N, R]`` old log-probs; rows not in ``known`` are filled in place, by the detached
+                log-probs of their first gradient pass (which must come before any optimizer step: the first
+                mini-batch of the first epoch).
+            ref_logp: ``[N, R]`` reference log-probs, or None.
+            advantages: ``[N]``.
+            prompt_lengths: P prompt lengths (for ``token_budget``).
+            known: ``[N]`` bool, rows whose ``old_logp`` is given; None: all.
+            plan: rows per epoch and mini-batch (:meth:`_mini_batch_plan`); None: computed here.
+        """
+        opt = self.optimizers()
+        cfg = self.loss_cfg
+        collected: dict[str, list[Tensor]] = defaultdict(list)
+        plan = plan if plan is not None else self._mini_batch_plan(rollout, len(batch))
+        known = known.clone() if known is not None else None
+        stepped = False
+        for epoch in plan:
+            for rows in epoch:
                 normalizer = losses.loss_normalizer(rollout.response_mask[rows], cfg.agg)
                 opt.zero_grad(set_to_none=True)
                 step_metrics: dict[str, Tensor] = defaultdict(lambda: torch.zeros(()))
                 for micro in self._micro_batches(rows, rollout, prompt_lengths):
                     # through the sharded root (FSDP1 hooks see the forward); a plain call otherwise
                     logp, entropy = strategies.root_call(self, "_grad_logprobs", batch, rollout, micro)
+                    if known is not None and not bool(known[micro].all()):
+                        if stepped:
+                            raise RuntimeError("PolicyOptimization._update: old log-probs missing after an optimizer step")
+                        fill = micro[~known[micro]]
+                        old_logp[fill] = logp.detach()[~known[micro]]
+                        known[fill] = True
                     tis = None
                     if cfg.tis_cap is not None and rollout.engine_logprobs is not None:
                         tis = torch.exp(old_logp[micro] - rollout.engine_logprobs[micro]).clamp(max=cfg.tis_cap)
@@ -476,6 +590,7 @@ class PolicyOptimization(L.LightningModule):
                     )
                     collected["grad_norm"].append(torch.as_tensor(norm, dtype=torch.float32).detach().cpu())
                 opt.step()
+                stepped = True
         return {k: torch.stack(v).mean() for k, v in collected.items()}
 
     # ------------------------------------------------------------------ logging

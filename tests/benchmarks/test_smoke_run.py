@@ -18,3 +18,20 @@ def test_run_writes_results(tmp_path):
     assert "## DRPO cost per step vs history length" in text and "**Failed**" not in text
     assert "| prompts | rewards | history |" in text
     assert (tmp_path / "work" / "drpo_cost.json").is_file()
+
+
+def test_run_includes_the_memory_benchmark():
+    from benchmarks import run
+
+    assert "memory" in run.BENCHMARKS and "memory" in run.TIMEOUTS
+    results = {
+        "grid": {"lm": {"hidden_size": 64}},
+        "rows": [
+            {"prompts": 2, "n": 2, "length": 8, "token_budget": None, "device": "cpu", "backward_passes": 1,
+             "mib": {"rollout": 1.0, "logprobs": 2.0, "update": 3.0},
+             "peak_mib": {"rollout": 10.0, "logprobs": 20.0, "update": 30.0}},
+        ],
+    }
+    record = {"name": "memory", "wall_s": 5.0, "load_before": (1, 1, 1), "load_after": (1, 1, 1), "results": results}
+    text = run.render_section(record, {"memory": record})
+    assert text.startswith("## Peak memory per phase") and "| 2 x 2 | 8 |" in text

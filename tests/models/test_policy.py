@@ -242,3 +242,99 @@ def test_weights_from_another_tokenizer_are_refused(text_policy, tmp_path):
     assert other.tokenizer_fingerprint != text_policy.tokenizer_fingerprint
     with pytest.raises(ValueError, match="another tokenizer"):
         load_policy_weights(other, path)
+
+
+def _both_paths(pol, embeds, response_ids, mask, index, **kwargs):
+    """logp, entropy and every gradient (parameters and ``embeds``) of the shared-prompt and per-row paths."""
+    out = {}
+    for share in (True, False):
+        pol.zero_grad(set_to_none=True)
+        for e in embeds:
+            e.grad = None
+        logp, entropy = pol.response_logprobs(
+            embeds, response_ids, mask, index, with_entropy=True, share_prompts=share, **kwargs
+        )
+        (logp.sum() + 0.3 * entropy.sum()).backward()
+        grads = {n: p.grad.clone() for n, p in pol.named_parameters() if p.grad is not None}
+        grads |= {f"embeds.{i}": e.grad.clone() for i, e in enumerate(embeds) if e.grad is not None}
+        out[share] = (logp.detach(), entropy.detach(), grads)
+    return out[True], out[False]
+
+
+def _assert_paths_agree(shared, per_row):
+    torch.testing.assert_close(shared[0], per_row[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(shared[1], per_row[1], rtol=0, atol=1e-5)
+    assert shared[2].keys() == per_row[2].keys() and shared[2]
+    for name, grad in per_row[2].items():
+        torch.testing.assert_close(shared[2][name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_shared_prompt_logprobs_and_gradients_equal_the_per_row_path():
+    pol = Policy(TinyLM(**TINY), system_prompt=None).build().train()
+    gen = torch.Generator().manual_seed(0)
+    h = pol.hidden_size
+    # prompt lengths differ (one of a single token); prompt 3 is unused; groups of different sizes, out of order
+    embeds = [torch.randn(length, h, generator=gen).requires_grad_() for length in (5, 1, 12, 3, 7)]
+    index = torch.tensor([0, 2, 0, 2, 2, 1, 1, 4, 0])
+    response_ids = torch.randint(0, 400, (len(index), 6), generator=gen)
+    mask = torch.ones_like(response_ids, dtype=torch.bool)
+    mask[1, 3:] = False
+    mask[5, 1:] = False
+    shared, per_row = _both_paths(pol, embeds, response_ids, mask, index, temperature=0.7)
+    _assert_paths_agree(shared, per_row)
+    assert "embeds.3" not in shared[2]  # an unused prompt is not run
+    assert (shared[0][~mask] == 0).all()
+
+
+def test_shared_prompts_reach_trainable_encoders_like_the_per_row_path(make_batch):
+    pol = Policy.tiny().build().train()
+    batch = make_batch(TEXTS, [["normal"], ["abnormal"]], _items())
+    index = torch.tensor([1, 0, 1, 0])
+    response_ids = torch.randint(0, 400, (4, 5), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(response_ids, dtype=torch.bool)
+    out = []
+    for share in (True, False):
+        pol.zero_grad(set_to_none=True)
+        logp, _ = pol.response_logprobs(pol.prompt_embeds(batch), response_ids, mask, index, share_prompts=share)
+        logp.sum().backward()
+        out.append((logp.detach(), {n: p.grad.clone() for n, p in pol.named_parameters() if p.grad is not None}))
+    (logp_s, grads_s), (logp_r, grads_r) = out
+    torch.testing.assert_close(logp_s, logp_r, rtol=0, atol=1e-5)
+    assert grads_s.keys() == grads_r.keys() and any(k.startswith("encoders.") for k in grads_s)
+    for name in grads_r:
+        torch.testing.assert_close(grads_s[name], grads_r[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_policy_flag_and_gradient_checkpointing_select_the_per_row_path(monkeypatch):
+    pol = Policy(TinyLM(**TINY), system_prompt=None, share_prompts=False).build().train()
+    calls = []
+    per_row = pol._per_row_logits
+    monkeypatch.setattr(pol, "_per_row_logits", lambda *a: calls.append(1) or per_row(*a))
+    embeds = [torch.randn(4, pol.hidden_size), torch.randn(6, pol.hidden_size)]
+    args = (torch.randint(0, 400, (3, 5)), torch.ones(3, 5, dtype=torch.bool), torch.tensor([0, 1, 1]))
+    pol.response_logprobs(embeds, *args)
+    assert calls == [1]
+    pol.share_prompts = True
+    pol.response_logprobs(embeds, *args)
+    assert calls == [1]
+    pol.lm.gradient_checkpointing_enable()  # transformers gives no cache then: fall back
+    logp, _ = pol.response_logprobs(embeds, *args)
+    assert calls == [1, 1]
+    torch.testing.assert_close(logp, pol.response_logprobs(embeds, *args, share_prompts=False)[0])
+
+
+def test_prompt_batch_select_keeps_items_with_their_prompts(policy, make_batch):
+    texts = ["A <image> then <ecg> and <image>.", "Only <video> and <image>", "Plain text", "<image> last"]
+    items = {
+        "image": (torch.rand(4, 3, 32, 32), [0, 0, 1, 3]),
+        "ecg": (torch.randn(1, 8, 2500), [0]),
+        "video": (torch.rand(1, 4, 3, 32, 32), [1]),
+    }
+    batch = make_batch(texts, [["normal"]] * 4, items)
+    sub = batch.select([3, 1])
+    assert sub.texts == [texts[3], texts[1]] and sub.ids == ["rec-3", "rec-1"]
+    assert sub.modalities["image"].owner.tolist() == [0, 1] and len(sub.modalities["ecg"].values) == 0
+    with torch.no_grad():
+        full, part = policy.prompt_embeds(batch), policy.prompt_embeds(sub)
+    torch.testing.assert_close(part[0], full[3], rtol=0, atol=0)
+    torch.testing.assert_close(part[1], full[1], rtol=0, atol=0)

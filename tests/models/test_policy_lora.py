@@ -85,3 +85,28 @@ def test_quantized_lm_builds_and_runs_on_cpu(bits, layer):
     synced = dict(pol.lm_weights_for_sync())  # dequantized base weights with the adapters merged
     assert any(name.endswith("self_attn.k_proj.weight") for name in synced)
     assert all(not t.is_floating_point() or t.dtype == torch.float32 for t in synced.values())
+
+
+def test_shared_prompt_logprobs_equal_the_per_row_path_with_lora(lora_policy):
+    pol = lora_policy.train()
+    gen = torch.Generator().manual_seed(0)
+    embeds = [torch.randn(n, pol.hidden_size, generator=gen) for n in (6, 2, 9)]
+    index = torch.tensor([2, 0, 2, 1, 0])
+    response_ids = torch.randint(0, 400, (5, 4), generator=gen)
+    mask = torch.ones_like(response_ids, dtype=torch.bool)
+    mask[3, 2:] = False
+    out = []
+    for share in (True, False):
+        pol.zero_grad(set_to_none=True)
+        logp, _ = pol.response_logprobs(embeds, response_ids, mask, index, share_prompts=share)
+        logp.sum().backward()
+        with torch.no_grad(), pol.reference_mode():
+            ref, _ = pol.response_logprobs(embeds, response_ids, mask, index, share_prompts=share)
+        out.append((logp.detach(), ref, {n: p.grad.clone() for n, p in pol.named_parameters() if p.grad is not None}))
+    (logp_s, ref_s, grads_s), (logp_r, ref_r, grads_r) = out
+    torch.testing.assert_close(logp_s, logp_r, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ref_s, ref_r, rtol=0, atol=1e-5)
+    assert not torch.allclose(ref_s, logp_s)  # the adapters matter
+    assert grads_s.keys() == grads_r.keys() and all("lora_" in k for k in grads_s)
+    for name in grads_r:
+        torch.testing.assert_close(grads_s[name], grads_r[name], rtol=1e-4, atol=1e-5, msg=name)

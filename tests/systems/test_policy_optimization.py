@@ -5,10 +5,12 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from qoq.data import MultiDomainDataModule
 from qoq.models.policy import tiny_policy
 from qoq.rl.advantages import DRPO, GRPO
+from qoq.rl.rewards import RewardFn
 from qoq.rl.rollout import HFEngine
 from qoq.systems import LossConfig, PolicyOptimization
 from qoq.types import SamplingParams
@@ -102,3 +104,112 @@ def test_drpo_state_round_trips_through_checkpoint(tmp_path, datamodule) -> None
     a = system.advantage(rewards, groups, domains, kl=kl).advantages
     b = restored.advantage(rewards, groups, domains, kl=kl).advantages
     torch.testing.assert_close(a, b)
+
+
+class _GradCapture(L.Callback):
+    """Keeps the policy's gradients at every optimizer step (summed over the micro-batches)."""
+
+    def __init__(self) -> None:
+        self.grads: list[dict[str, torch.Tensor]] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.grads.append(
+            {n: p.grad.clone() for n, p in pl_module.policy.named_parameters() if p.grad is not None}
+        )
+
+
+@pytest.fixture(scope="module")
+def one_batch(datamodule):
+    """The first training batch, fixed (the data module's stream moves on between fits)."""
+    return next(iter(datamodule.train_dataloader()))
+
+
+def _run(tmp_path, batch, **kwargs):
+    """One training step on ``batch`` with a reward that differs per response (length), GRPO, no clipping.
+
+    Returns the system, the gradients at each optimizer step, the logged metrics and the sizes of the
+    no-grad policy log-prob forwards.
+    """
+    defaults = {
+        "advantage": GRPO(),
+        "reward": RewardFn(weights={"accuracy": 0.5, "length": 0.5}),
+        "sampling": SamplingParams(n=2, max_new_tokens=8, temperature=1.0, seed=0),
+        "grad_clip": 0.0,
+    }
+    system = _system(tmp_path, **{**defaults, **kwargs})
+    system.configure_model()
+    forwards = []
+    logprobs = system.policy.response_logprobs
+
+    def counted(*args, **kw):
+        if not torch.is_grad_enabled():
+            forwards.append(len(args[1]))  # responses in this no-grad forward
+        return logprobs(*args, **kw)
+
+    system.policy.response_logprobs = counted
+    capture = _GradCapture()
+    trainer = _trainer(tmp_path, steps=1)
+    trainer.callbacks.append(capture)
+    trainer.fit(system, DataLoader([batch], batch_size=None, collate_fn=lambda b: b))
+    return system, capture.grads, dict(trainer.callback_metrics), forwards
+
+
+def _assert_same_grads(a, b):
+    assert len(a) == len(b) and all(g.keys() == h.keys() and g for g, h in zip(a, b))
+    for g, h in zip(a, b):
+        assert any(v.abs().max() > 0 for v in g.values())
+        for name in g:
+            torch.testing.assert_close(g[name], h[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_on_policy_old_logprobs_reuse_the_gradient_pass(tmp_path, one_batch) -> None:
+    """ppo_epochs=1, mini_batches=1: no old-log-prob forward, and the same loss and gradients as with it."""
+    _, grads_reuse, logs_reuse, fwd_reuse = _run(tmp_path, one_batch, old_logprobs="reuse")
+    _, grads_fwd, logs_fwd, fwd_fwd = _run(tmp_path, one_batch, old_logprobs="forward")
+    assert fwd_reuse == [] and fwd_fwd == [6]  # 3 prompts x 2 samples
+    _assert_same_grads(grads_reuse, grads_fwd)
+    for key in ("train/loss", "train/pg_loss", "train/kl", "train/reward", "train/logp_mismatch_mean"):
+        torch.testing.assert_close(logs_reuse[key], logs_fwd[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_reused_old_logprobs_across_mini_batches_and_epochs(tmp_path, one_batch) -> None:
+    """Later mini-batches get the no-grad forward (first mini-batch's rows excepted); every step matches."""
+    kwargs = {"ppo_epochs": 2, "mini_batches": 3}
+    system_r, grads_r, _, fwd_r = _run(tmp_path, one_batch, old_logprobs="reuse", **kwargs)
+    system_f, grads_f, _, fwd_f = _run(tmp_path, one_batch, old_logprobs="forward", **kwargs)
+    assert fwd_r == [4] and fwd_f == [6]  # 3 groups of 2: the first mini-batch (one group) is skipped
+    _assert_same_grads(grads_r, grads_f)
+    for name, p in system_f.policy.named_parameters():
+        torch.testing.assert_close(system_r.policy.get_parameter(name), p, rtol=1e-4, atol=1e-6)
+
+
+def test_drpo_kl_damping_uses_the_engine_logprobs_when_reusing(tmp_path, one_batch) -> None:
+    seen = []
+
+    class Recording(DRPO):
+        def __call__(self, rewards, group_ids, domain_ids, kl=None, **kwargs):
+            seen.append(kl.clone())
+            return super().__call__(rewards, group_ids, domain_ids, kl=kl, **kwargs)
+
+    _, _, _, forwards = _run(tmp_path, one_batch, advantage=Recording(window=5))
+    assert forwards == [] and seen[0].shape == (6,) and torch.isfinite(seen[0]).all()
+    # a top-p cut makes the engine's log-probs those of a truncated distribution: the forward is kept
+    top_p = SamplingParams(n=2, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=0)
+    _, _, _, forwards = _run(tmp_path, one_batch, advantage=Recording(window=5), sampling=top_p)
+    assert forwards == [6]
+    _, _, _, forwards = _run(tmp_path, one_batch, advantage=Recording(window=5), old_logprobs="forward")
+    assert forwards == [6]
+
+
+def test_micro_batches_embed_only_their_prompts_with_trainable_encoders(tmp_path, one_batch) -> None:
+    """micro_batch_size=1 embeds each micro-batch's prompt only; the gradient equals one whole pass."""
+    kwargs = {"policy": tiny_policy(), "loss": LossConfig(kl_coef=0.0)}
+    _, whole, _, _ = _run(tmp_path, one_batch, **kwargs)
+    _, split, _, _ = _run(tmp_path, one_batch, micro_batch_size=1, **kwargs | {"policy": tiny_policy()})
+    assert any(k.startswith("encoders.") for k in whole[0])
+    _assert_same_grads(split, whole)
+
+
+def test_bad_old_logprobs_is_rejected() -> None:
+    with pytest.raises(ValueError, match="old_logprobs"):
+        PolicyOptimization(tiny_policy(), old_logprobs="never")
