@@ -113,8 +113,6 @@ class PromptBatch:
             owner = where[items.owner]  # [M], -1 for items of prompts left out
             keep = torch.nonzero(owner >= 0).flatten()
             order = keep[torch.argsort(owner[keep], stable=True)]  # items grouped by their new prompt
-            if not len(order):  # no prompt of the selection has an item of this kind
-                continue
             modalities[kind] = ModalityBatch(items.values[order.to(items.values.device)], owner[order])
         return PromptBatch(
             ids=[self.ids[i] for i in index],
