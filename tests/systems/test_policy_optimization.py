@@ -179,8 +179,8 @@ def test_reused_old_logprobs_across_mini_batches_and_epochs(tmp_path, one_batch)
     system_f, grads_f, _, fwd_f = _run(tmp_path, one_batch, old_logprobs="forward", **kwargs)
     assert fwd_r == [4] and fwd_f == [6]  # 3 groups of 2: the first mini-batch (one group) is skipped
     _assert_same_grads(grads_r, grads_f)
-    for name, p in system_f.policy.named_parameters():
-        torch.testing.assert_close(system_r.policy.get_parameter(name), p, rtol=1e-4, atol=1e-6)
+    for name, p in system_f.policy.named_parameters():  # after 6 Adam steps: fp32 noise, normalised by Adam
+        torch.testing.assert_close(system_r.policy.get_parameter(name), p, rtol=1e-3, atol=2e-5)
 
 
 def test_drpo_kl_damping_uses_the_engine_logprobs_when_reusing(tmp_path, one_batch) -> None:
