@@ -120,7 +120,8 @@ class RolloutTraceWriter(L.Callback):
     None) is set and at least ``every_n_steps`` optimizer steps passed since the last write, its first
     ``max_rows`` rows are appended, each with ``global_step`` added. The module decides what a row holds
     (prompt id, domain, response, reward, advantage, ...) and must not put patient identifiers in it.
-    Only global rank 0 writes (its own rollouts).
+    Only global rank 0 writes (its own rollouts). A fresh fit starts a new file; a resumed one
+    (``--ckpt_path``) appends.
 
     Args:
         every_n_steps: minimum optimizer steps between two writes.
@@ -149,6 +150,11 @@ class RolloutTraceWriter(L.Callback):
     def path(self, trainer: L.Trainer) -> Path:
         """The output file for ``trainer``'s run."""
         return (Path(self.dirpath) if self.dirpath else run_dir(trainer)) / self.filename
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Start a new file unless the fit continues a checkpoint."""
+        if trainer.is_global_zero and trainer.ckpt_path is None:
+            self.path(trainer).unlink(missing_ok=True)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int

@@ -91,6 +91,8 @@ def test_validate_infers_the_label_space(tmp_path, records):
 
 
 def test_fit_logs_validation_and_writes_rollout_traces(tmp_path, records, label_space):
+    (tmp_path / "traces").mkdir()
+    (tmp_path / "traces" / "rollouts.jsonl").write_text('{"from": "an earlier run"}\n')  # a fresh fit replaces it
     metrics_cb = ClinicalMetricsCallback(label_space=label_space, report_every_validation=True)
     traces_cb = RolloutTraceWriter(every_n_steps=2, max_rows=2, dirpath=str(tmp_path / "traces"))
     trainer = _trainer(
