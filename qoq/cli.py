@@ -33,6 +33,8 @@ _BENIGN_WARNINGS = (
     r".*isinstance\(treespec, LeafSpec\).*",
     r".*IterableDataset.*has `__len__` defined.*",
     r".*litlogger.*",
+    # evaluation metrics are synced by torchmetrics before they are logged
+    r".*It is recommended to use `self.log\('(val|test)/.*sync_dist=True.*",
 )
 
 
