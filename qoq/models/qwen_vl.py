@@ -490,6 +490,7 @@ class QwenVLPolicy(Policy):
         lr: learning rate of the policy's own (SFT) stage.
         weight_decay: weight decay of that stage.
         max_prompt_tokens: longest allowed prompt in embeddings.
+        share_prompts: log-prob passes run each prompt once (see :class:`~qoq.models.Policy`).
     """
 
     def __init__(
@@ -504,6 +505,7 @@ class QwenVLPolicy(Policy):
         lr: float = 1e-5,
         weight_decay: float = 0.0,
         max_prompt_tokens: int | None = None,
+        share_prompts: bool = True,
     ) -> None:
         config = lm.vl_config()
         vision = config.vision_config
@@ -533,6 +535,7 @@ class QwenVLPolicy(Policy):
             lr=lr,
             weight_decay=weight_decay,
             max_prompt_tokens=max_prompt_tokens,
+            share_prompts=share_prompts,
         )
 
     def configure_model(self) -> None:
