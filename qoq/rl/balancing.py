@@ -325,7 +325,11 @@ class _DomainCounts:
     def __init__(self) -> None:
         self.counts: dict[int, int] = {}
 
-    def push(self, group_domains: Tensor) -> None:
+    def observe(self, rewards: Tensor, group_ids: Tensor, domain_ids: Tensor) -> None:
+        """Check one batch's inputs and count its questions (groups) per domain."""
+        _check_inputs(rewards, group_ids, domain_ids)
+        index, counts, _, _ = _group_stats(rewards, group_ids)
+        group_domains = _group_domains(index, len(counts), domain_ids).cpu()
         uniq, n = torch.unique(group_domains, return_counts=True)
         for d, c in zip(uniq.tolist(), n.tolist()):
             self.counts[int(d)] = self.counts.get(int(d), 0) + int(c)
@@ -371,9 +375,7 @@ class DISCO:
         components: dict[str, Tensor] | None = None,
         weights: dict[str, float] | None = None,
     ) -> AdvantageOutput:
-        _check_inputs(rewards, group_ids, domain_ids)
-        index, counts, _, _ = _group_stats(rewards, group_ids)
-        self.seen.push(_group_domains(index, len(counts), domain_ids).cpu())
+        self.seen.observe(rewards, group_ids, domain_ids)
         total = sum(self.seen.counts.values())
         frequency = {d: c / total for d, c in self.seen.counts.items()}
         adv, metrics = disco(
@@ -485,9 +487,7 @@ class FairGRPO:
         components: dict[str, Tensor] | None = None,
         weights: dict[str, float] | None = None,
     ) -> AdvantageOutput:
-        _check_inputs(rewards, group_ids, domain_ids)
-        index, counts, _, _ = _group_stats(rewards, group_ids)
-        self.seen.push(_group_domains(index, len(counts), domain_ids).cpu())
+        self.seen.observe(rewards, group_ids, domain_ids)
         batch_mean = _per_domain_mean(rewards, domain_ids)
         for g, m in batch_mean.items():
             m = float(m)
