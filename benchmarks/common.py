@@ -357,6 +357,28 @@ def _step_recorder(keys: Sequence[str]) -> Any:
     return StepRecorder()
 
 
+def bare_trainer(root: Path | str, steps: int, callbacks: Sequence[Any] = (), accelerator: str = "cpu") -> Any:
+    """A Lightning ``Trainer`` that drives a system as a real run does (one device, fp32, the module's own
+    logging every step), minus checkpoints, progress bar, logger files and validation."""
+    import lightning as L
+
+    return L.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        precision="32-true",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        log_every_n_steps=1,
+        default_root_dir=str(root),
+        callbacks=list(callbacks),
+    )
+
+
 def fit_grpo(
     lm: dict[str, Any],
     engine: Any,
@@ -393,7 +415,6 @@ def fit_grpo(
         ``time/*`` timers), ``response_tokens`` (per step, total response tokens), ``params``,
         ``prompt_tokens`` (per prompt), ``torch_threads``, ``setup_s`` (construction to first step start).
     """
-    import lightning as L
     import torch
     from torch.utils.data import DataLoader, IterableDataset
 
@@ -432,21 +453,7 @@ def fit_grpo(
             engine_dir=str(root / "engine"),
         )
         recorder = _step_recorder(("time/", "train/response_length"))
-        trainer = L.Trainer(
-            accelerator="cpu",
-            devices=1,
-            precision="32-true",
-            max_steps=steps,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            limit_val_batches=0,
-            log_every_n_steps=1,
-            default_root_dir=str(root),
-            callbacks=[recorder],
-        )
+        trainer = bare_trainer(root, steps, [recorder])
         loader = DataLoader(Repeat(), batch_size=None, collate_fn=lambda b: b)
         trainer.fit(system, train_dataloaders=loader)
         setup_s = recorder.start - t0

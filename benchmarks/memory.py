@@ -41,6 +41,7 @@ from benchmarks.common import (
     PROMPTS,
     TextReward,
     apply_env,
+    bare_trainer,
     machine_info,
     markdown_table,
     prompt_batch,
@@ -248,19 +249,7 @@ def measure(
                 memory.peaks.clear()
                 memory.absolute.clear()
 
-        trainer = L.Trainer(
-            accelerator="gpu" if cuda else "cpu",
-            devices=1,
-            max_steps=steps,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            limit_val_batches=0,
-            default_root_dir=tmp,
-            callbacks=[LastStepOnly()],
-        )
+        trainer = bare_trainer(tmp, steps, [LastStepOnly()], accelerator="gpu" if cuda else "cpu")
         trainer.fit(system, DataLoader([batch] * steps, batch_size=None, collate_fn=lambda b: b))
     return {
         "prompts": prompts,
