@@ -135,6 +135,7 @@ class Policy(L.LightningModule):
             bits = {"load_in_8bit": True} if self.quantization == "8bit" else {"load_in_4bit": True}
             model, tokenizer = self.lm_builder.build(quantization_config=BitsAndBytesConfig(**bits))
             model.requires_grad_(False)  # quantized base weights are not trainable
+            _prepare_4bit_layers(model)
         if self.lora is not None:
             from peft import LoraConfig, get_peft_model
 
@@ -628,6 +629,37 @@ class Policy(L.LightningModule):
         return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr)
 
 
+def _prepare_4bit_layers(model: nn.Module) -> None:
+    """Make every bitsandbytes 4-bit linear layer of ``model`` safe to train, sync and checkpoint on a CPU.
+
+    - The CPU inference repack is turned off. On a CPU with avx512_bf16, a ``Linear4bit`` forward in eval
+      mode without gradients otherwise repacks its weight in place into an inference-only layout. A policy
+      alternates such forwards (rollouts, sync probes) with training forwards, and the repacked layout has
+      no autograd (a layer with a bias raises, one without silently drops the gradient to its input),
+      cannot be dequantized for a rollout engine, and is saved with corrupted frozen weights.
+    - Loading a state dict restores the quantized weight from the quantization state that the layer's own
+      ``state_dict()`` writes beside it (bitsandbytes saves it but does not read it back), so a QLoRA
+      checkpoint reloads strictly and exactly.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            module.register_load_state_dict_pre_hook(_load_4bit_weight)
+
+
+def _load_4bit_weight(module: nn.Module, state_dict: dict[str, Tensor], prefix: str, *_: Any) -> None:
+    """Load-state-dict pre-hook of a ``Linear4bit``: rebuild its weight from ``weight`` + ``weight.*``."""
+    import bitsandbytes as bnb
+
+    key = f"{prefix}weight"
+    stats = {k.removeprefix(f"{key}."): state_dict.pop(k) for k in list(state_dict) if k.startswith(f"{key}.")}
+    if stats and key in state_dict:
+        device = module.weight.device
+        module.weight = bnb.nn.Params4bit.from_prequantized(state_dict[key], stats, device=device, module=module)
+
+
 def _dequantized_weights(model: nn.Module) -> dict[str, Tensor]:
     """HF weight name -> dense weight ``[out, in]`` of every bitsandbytes 8/4-bit linear layer in ``model``.
 
@@ -635,7 +667,8 @@ def _dequantized_weights(model: nn.Module) -> dict[str, Tensor]:
     its weight as it is.
 
     Raises:
-        RuntimeError: an int8 weight without its row scales.
+        RuntimeError: an int8 weight without its row scales, or a 4-bit weight in bitsandbytes' CPU
+            inference layout.
     """
     import bitsandbytes as bnb
 
@@ -644,6 +677,12 @@ def _dequantized_weights(model: nn.Module) -> dict[str, Tensor]:
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if isinstance(module, bnb.nn.Linear4bit) and getattr(weight, "quant_state", None) is not None:
+            if getattr(weight.quant_state, "packing_format_for_cpu", False):
+                raise RuntimeError(
+                    f"lm_weights_for_sync: {name} holds bitsandbytes' CPU inference layout (repacked by an "
+                    "eval forward on an avx512_bf16 CPU), which cannot be dequantized; build the LM through "
+                    "Policy.configure_model, which keeps the trainable layout"
+                )
             weight = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
         elif isinstance(module, bnb.nn.Linear8bitLt) and weight.dtype == torch.int8:
             scales = getattr(weight, "SCB", None)
