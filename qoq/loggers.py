@@ -19,9 +19,10 @@ class RunLogger(CSVLogger):
         name: sub-folder of ``save_dir``; "" for none.
         version: sub-folder of ``name``; "" for none, None for the next free ``version_N``.
         keep_existing: append to an existing ``metrics.csv`` (its header is kept and widened when new
-            metrics appear). A resumed fit logs again the steps between its checkpoint and the kill, so
-            such a step can appear twice; the later row is the resumed run's. When False, Lightning's own
-            behaviour: the file is replaced.
+            metrics appear). When False, Lightning's own behaviour: the file is replaced.
+        resume_step: the global step of the checkpoint a fit resumes from: kept rows of that step and
+            later ones are dropped (the killed run logged them after its last checkpoint; the resumed run
+            logs them again), so every step has one row. None keeps every row (``qoq test`` / ``validate``).
         flush_logs_every_n_steps: how often rows are written to disk.
     """
 
@@ -31,10 +32,12 @@ class RunLogger(CSVLogger):
         name: str = "",
         version: int | str | None = "",
         keep_existing: bool = False,
+        resume_step: int | None = None,
         flush_logs_every_n_steps: int = 100,
     ) -> None:
         super().__init__(save_dir, name=name, version=version, flush_logs_every_n_steps=flush_logs_every_n_steps)
         self.keep_existing = keep_existing
+        self.resume_step = resume_step
 
     @property
     def experiment(self):  # noqa: D102 - CSVLogger's writer
@@ -50,7 +53,14 @@ class RunLogger(CSVLogger):
         finally:
             kept.replace(path)
         with open(path, newline="") as fh:
-            writer.metrics_keys = list(next(csv.reader(fh), []))
+            rows = list(csv.reader(fh))
+        header, rows = (rows[0], rows[1:]) if rows else ([], [])
+        if self.resume_step is not None and "step" in header:
+            at = header.index("step")
+            kept_rows = [r for r in rows if not r[at] or int(float(r[at])) < self.resume_step]
+            with open(path, "w", newline="") as fh:
+                csv.writer(fh).writerows([header, *kept_rows])
+        writer.metrics_keys = list(header)
         return writer
 
 

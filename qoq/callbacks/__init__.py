@@ -1,6 +1,7 @@
 """Evaluation and logging callbacks: clinical metrics (torchmetrics), report folders, JSONL traces, and the
 per-domain statistics feedback from the RL system to the data module."""
 
+from qoq.callbacks.checkpoint import RunCheckpoint
 from qoq.callbacks.evaluation import ClinicalMetricsCallback
 from qoq.callbacks.feedback import DomainStatsFeedback
 from qoq.callbacks.metrics import (
@@ -18,6 +19,7 @@ __all__ = [
     "DomainStatsFeedback",
     "EvalRecord",
     "RolloutTraceWriter",
+    "RunCheckpoint",
     "label_space_from_records",
     "merge_label_spaces",
     "record_to_json",

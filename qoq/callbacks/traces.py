@@ -156,6 +156,15 @@ class RolloutTraceWriter(L.Callback):
         if trainer.is_global_zero and trainer.ckpt_path is None:
             self.path(trainer).unlink(missing_ok=True)
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A resumed fit drops the rows its killed predecessor wrote after the checkpoint: it redoes them."""
+        path = self.path(trainer)
+        if trainer.is_global_zero and trainer.ckpt_path is not None and path.is_file():
+            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+            kept = [line for line in lines if json.loads(line)["global_step"] <= trainer.global_step]
+            if len(kept) < len(lines):
+                path.write_text("".join(kept), encoding="utf-8")
+
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
     ) -> None:

@@ -141,6 +141,7 @@ class PolicyOptimization(L.LightningModule):
         dynamic_sampling: DynamicSampling | None = None,
     ) -> None:
         super().__init__()
+        _check_settings(sampling, lr, weight_decay, ppo_epochs, mini_batches, micro_batch_size, init_policy_from)
         # Checkpoints keep the components' config, never pickled objects, so they load with
         # weights_only=True: LightningCLI hands over the parsed config (with class paths, so
         # `load_from_checkpoint` and `qoq test --ckpt_path` rebuild the model); built in Python, the
@@ -711,6 +712,42 @@ class PolicyOptimization(L.LightningModule):
         # applied before the next training step: creating the resumed data iterator draws from the RNG
         self._resume_rng = state.get("rng")
         self._engine_ready = False  # weights changed: the engine must be re-synced
+
+
+def _check_settings(
+    sampling: SamplingParams | None,
+    lr: float,
+    weight_decay: float,
+    ppo_epochs: int,
+    mini_batches: int,
+    micro_batch_size: int | None,
+    init_policy_from: str | None,
+) -> None:
+    """Refuse settings that cannot train, before any data or weights are built.
+
+    Raises:
+        ValueError: names every bad setting (one line).
+        FileNotFoundError: ``init_policy_from`` names no file.
+    """
+    n = (sampling or SamplingParams()).n
+    problems = [
+        message
+        for bad, message in (
+            (n < 2, f"sampling.n={n}: group-relative advantages (every estimator qoq ships) need >= 2 responses "
+             "per prompt; with one they are all zero and nothing trains"),
+            (not lr > 0, f"lr={lr} must be > 0"),
+            (weight_decay < 0, f"weight_decay={weight_decay} must be >= 0"),
+            (ppo_epochs < 1, f"ppo_epochs={ppo_epochs} must be >= 1"),
+            (mini_batches < 1, f"mini_batches={mini_batches} must be >= 1"),
+            (micro_batch_size is not None and micro_batch_size < 1,
+             f"micro_batch_size={micro_batch_size} must be >= 1 or None"),
+        )
+        if bad
+    ]
+    if problems:
+        raise ValueError("PolicyOptimization: " + "; ".join(problems))
+    if init_policy_from and not Path(init_policy_from).expanduser().is_file():
+        raise FileNotFoundError(f"init_policy_from: no checkpoint at {init_policy_from} (run the SFT stage first?)")
 
 
 def load_policy_weights(policy: Policy, ckpt_path: str | Path) -> None:

@@ -6,6 +6,8 @@ import contextlib
 import csv
 import hashlib
 import json
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -190,3 +192,19 @@ def fit_system(system: Any, batches: list[Any], steps: int, callbacks: list[Any]
     stream = [batches[i % len(batches)] for i in range(steps)]
     trainer.fit(system, DataLoader(stream, batch_size=None, collate_fn=lambda b: b))
     return trainer
+
+
+class KillAt(Callback):
+    """Test callback: SIGKILL its own process after training step ``step`` (a crash: no clean-up, no
+    final checkpoint). Callbacks run before checkpointing, so a checkpoint due at ``step`` is not written.
+
+    Args:
+        step: global step after which the process dies.
+    """
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+        if trainer.global_step >= self.step:
+            os.kill(os.getpid(), signal.SIGKILL)

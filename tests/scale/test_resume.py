@@ -1,4 +1,5 @@
-"""Exact resume: a run restarted from its step-2 checkpoint reaches step 4 exactly as the uninterrupted run.
+"""Exact resume: a run restarted from its step-2 checkpoint reaches step 4 exactly as the uninterrupted run,
+also after the process was killed between two checkpoints; and resuming never silently does something else.
 
 Real CLI runs (in-process): the micro policy, HF rollouts seeded per step, DRPO with KL damping, a reward
 with a length term so that every quantity moves. What must carry over: weights, AdamW moments, the data
@@ -8,10 +9,15 @@ differ.
 
 from __future__ import annotations
 
+import csv
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from scale_helpers import (
+    ROOT,
     base_args,
     load_ckpt,
     metrics_by_step,
@@ -21,7 +27,7 @@ from scale_helpers import (
     write_signal,
 )
 
-from qoq.cli import run
+from qoq.cli import main, run
 
 #: Columns that measure wall time, not the computation.
 _TIMING = ("time/", "time_share/", "train/sync_ms")
@@ -30,9 +36,14 @@ _TIMING = ("time/", "time_share/", "train/sync_ms")
 _CALLBACKS = """
 trainer:
   callbacks:
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {save_last: true, save_top_k: -1, every_n_train_steps: 2}
+    - class_path: qoq.callbacks.RunCheckpoint
+      init_args: {save_top_k: -1, every_n_train_steps: 2}
     - class_path: qoq.callbacks.RolloutTraceWriter
+"""
+
+#: The same run, killed (SIGKILL) after step 3: its last checkpoint is step 2's.
+_KILLED = _CALLBACKS + """    - class_path: scale_helpers.KillAt
+      init_args: {step: 3}
 """
 
 
@@ -122,3 +133,44 @@ def test_stop_then_ckpt_path_last_is_exact(setup_files, full_run):
     )
     _assert_same_steps(full_run, part, (2, 3))
     _assert_same_checkpoints(full_run, part)
+
+
+def test_killed_between_checkpoints_then_ckpt_path_last_is_exact(setup_files, full_run):
+    """A crash at step 3 (checkpoint at 2), then ``--ckpt_path last``: the steps after the checkpoint are
+    redone exactly, and metrics.csv / rollouts.jsonl keep one row per step (the killed run's rows of the
+    redone steps are dropped)."""
+    tmp, args = setup_files
+    killed = tmp / "killed"
+    overlay = tmp / "killed.yaml"
+    overlay.write_text(_KILLED)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests" / "scale"), str(ROOT)]), OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "qoq.cli", "fit", *args, "--config", str(overlay)]
+    command += ["--trainer.default_root_dir", str(killed), "--trainer.max_steps", "4"]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert load_ckpt(killed)["global_step"] == 2
+    with one_thread():
+        run(["fit", *args, "--trainer.default_root_dir", str(killed), "--trainer.max_steps", "4", "--ckpt_path", "last"])
+    _assert_same_steps(full_run, killed, (2, 3))
+    _assert_same_checkpoints(full_run, killed)
+    rows = csv.DictReader((killed / "metrics.csv").read_text().splitlines())
+    assert sorted(int(r["step"]) for r in rows if r.get("train/reward")) == [0, 1, 2, 3]
+    assert traces_by_step(killed) == traces_by_step(full_run)
+
+
+def test_ckpt_path_last_without_a_checkpoint_is_an_error(tmp_path, capsys):
+    code = main(["fit", *base_args(), "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", "last"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"--ckpt_path last: no checkpoint to resume in {tmp_path / 'checkpoints'}" in err
+    assert "Traceback" not in err and not (tmp_path / "metrics.csv").exists()
+
+
+def test_resuming_with_other_model_settings_lists_the_differences(setup_files, full_run, capsys):
+    _, args = setup_files
+    code = main(["fit", *args, "--trainer.default_root_dir", str(full_run), "--ckpt_path", "last",
+                 "--model.init_args.lr", "0.5", "--model.init_args.loss.kl_coef", "0.0"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "model.init_args.lr: 0.003 in the checkpoint, 0.5 now" in err
+    assert "model.init_args.loss.kl_coef: 0.001 in the checkpoint, 0.0 now" in err
