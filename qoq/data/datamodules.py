@@ -235,7 +235,13 @@ class ClinicalDataModule(L.LightningDataModule):
         image_size: side of the square images and video frames, in pixels.
         num_frames: frames sampled from each video / 3-D volume.
         ecg_spec: leads, sampling rate and duration of ECG items.
-        skip_invalid: skip and count bad manifest lines and unreadable files instead of failing.
+        skip_invalid: skip and count bad manifest lines and unreadable files instead of failing; the
+            skipped records are listed in ``<run>/skipped.jsonl`` (file, line, reason) and their total is
+            printed at the end of the run.
+        check_files: how :meth:`setup` vets every record's files before anything trains: ``"load"``
+            decodes each one with its loader (a corrupt DICOM, a NaN or wrong-shape ECG, an empty image
+            fail at once, naming the manifest line), ``"exists"`` only checks that they exist (faster on
+            very large sets; bad files then surface when they are drawn).
         val_fraction: share of each domain's records held out (chosen by record-id hash) for
             validation and test.
         sampler: how training batches mix domains: ``natural``, ``balanced``, ``temperature`` or
@@ -264,6 +270,7 @@ class ClinicalDataModule(L.LightningDataModule):
         num_frames: int = 4,
         ecg_spec: ECGSpec = ECGSpec(),  # noqa: B008 - frozen, safe to share
         skip_invalid: bool = False,
+        check_files: Literal["load", "exists"] = "load",
         val_fraction: float = 0.1,
         sampler: SamplerMode = "natural",
         temperature: float = 2.0,
@@ -286,7 +293,9 @@ class ClinicalDataModule(L.LightningDataModule):
         self.domains = [check_domain(d) for d in domains] if domains else None
         self.batch_size, self.val_batch_size = batch_size, val_batch_size
         self.image_size, self.num_frames, self.ecg_spec = image_size, num_frames, ecg_spec
-        self.skip_invalid, self.val_fraction = skip_invalid, val_fraction
+        if check_files not in ("load", "exists"):
+            raise ValueError(f"check_files must be 'load' or 'exists', got {check_files!r}")
+        self.skip_invalid, self.check_files, self.val_fraction = skip_invalid, check_files, val_fraction
         self.sampler_mode, self.temperature = sampler, temperature
         self.adaptive = adaptive if adaptive is not None else AdaptiveSampling()
         self.steps_per_epoch, self.seed, self.num_workers = steps_per_epoch, seed, num_workers
@@ -322,7 +331,11 @@ class ClinicalDataModule(L.LightningDataModule):
         records: list[Record] = []
         first_seen: dict[str, str] = {}
         for manifest in sources:
-            for record in read_manifest(manifest, skip_invalid=self.skip_invalid, counter=self.skip_counter):
+            check = "load" if self.check_files == "load" else True
+            for record in read_manifest(
+                manifest, skip_invalid=self.skip_invalid, counter=self.skip_counter, check_files=check,
+                ecg_spec=self.ecg_spec,
+            ):
                 if record.id in first_seen:
                     raise ValueError(
                         f"record id {record.id!r} appears in {first_seen[record.id]} and {manifest}"
@@ -355,6 +368,25 @@ class ClinicalDataModule(L.LightningDataModule):
             f"qoq data: {len(self.train_records)} train / {len(self.val_records)} held-out records; "
             f"{self.sampler_mode} mix, domain records (probability): {mix}"
         )
+        self._write_skipped()
+
+    def _write_skipped(self) -> None:
+        """List the skipped records in ``<run>/skipped.jsonl`` (rank 0 of an attached trainer)."""
+        trainer = self.trainer
+        if trainer is None or not trainer.is_global_zero or not self.skip_counter.total:
+            return
+        import json
+
+        path = Path(trainer.default_root_dir) / "skipped.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(entry) + "\n" for entry in self.skip_counter.skipped))
+        rank_zero_info(f"qoq data: {self.skip_counter.report()}\n  listed in {path}")
+
+    def teardown(self, stage: str) -> None:
+        """At the end of a run, say how many records were skipped (and where they are listed)."""
+        if self.skip_counter.total and self.trainer is not None:
+            where = Path(self.trainer.default_root_dir) / "skipped.jsonl"
+            rank_zero_info(f"qoq data: skipped {self.skip_counter.total} record(s) in this run; see {where}")
 
     def sampler(self) -> MixtureSampler:
         """The training-batch sampler, for this process's rank when a trainer is attached."""

@@ -99,7 +99,8 @@ class ClinicalDataset(Dataset):
         num_frames: frames sampled evenly from each video / volume.
         ecg_spec: leads, rate and duration of every ECG item.
         skip_invalid: on a read failure, count it in ``counter``, log it and return None (the collate
-            drops the record) instead of raising.
+            drops the record) instead of raising; a record that failed once is not read (nor counted)
+            again.
         counter: where skips are counted (a fresh one when None). With DataLoader workers each worker
             counts in its own copy.
     """
@@ -123,17 +124,21 @@ class ClinicalDataset(Dataset):
         self.skip_invalid = skip_invalid
         self.counter = counter if counter is not None else SkipCounter()
         self.instruction = instruction
+        self._failed: set[str] = set()  # ids of records that could not be read (skip_invalid)
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> Sample | None:
         record = self.records[index]
+        if record.id in self._failed:
+            return None
         try:
             return self.load(record)
         except DataError as err:
             if not self.skip_invalid:
                 raise
+            self._failed.add(record.id)
             self.counter.add(err)
             log.warning("skipping record %r: %s", record.id, err)
             return None

@@ -81,10 +81,13 @@ class SkipCounter:
     Attributes:
         counts: reason -> number of skipped records.
         examples: reason -> the message of the first skip with that reason.
+        skipped: one entry per skip: ``file``, ``line``, ``field``, ``reason``, ``detail`` (what a run
+            folder's ``skipped.jsonl`` holds).
     """
 
     counts: Counter = field(default_factory=Counter)
     examples: dict[str, str] = field(default_factory=dict)
+    skipped: list[dict[str, str | int | None]] = field(default_factory=list)
 
     def add(self, error: DataError) -> None:
         """Count one skip.
@@ -94,6 +97,9 @@ class SkipCounter:
         """
         self.counts[error.reason] += 1
         self.examples.setdefault(error.reason, str(error))
+        self.skipped.append(
+            {"file": error.path, "line": error.line, "field": error.field, "reason": error.reason, "detail": error.detail}
+        )
 
     @property
     def total(self) -> int:

@@ -174,3 +174,75 @@ def test_skip_invalid_counts_every_reason(corpus, caplog):
         "transposed-ecg",
         "bad-rate",
     ]
+
+
+@pytest.fixture
+def mixed_manifest(corpus: Path) -> Path:
+    """Two good records and one bad record of each kind the issue lists, each on its own line."""
+    rng = np.random.default_rng(1)
+    spec = {"sample_rate": 500, "leads": list(ECGSpec().leads)}
+    for name in ("good_ecg", "nan_ecg"):
+        signal = rng.normal(size=(8, 5000))
+        if name == "nan_ecg":
+            signal[3, 100] = np.nan
+        np.save(corpus / f"{name}.npy", signal)
+        (corpus / f"{name}.json").write_text(json.dumps(spec))
+    (corpus / "empty.png").write_bytes(b"")
+    ecg = {"domain": "ecg", "images": [], "problem": "<ecg> Rhythm?"}
+    lines = [
+        line("good-ct"),
+        line("corrupt-dicom", images=["truncated.dcm"]),
+        line("empty-image", images=["empty.png"]),
+        line("good-ecg", **ecg, time_series=["good_ecg.npy"]),
+        line("nan-ecg", **ecg, time_series=["nan_ecg.npy"]),
+        line("wrong-shape-ecg", **ecg, time_series=["transposed.npy"]),
+    ]
+    path = corpus / "mixed.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_data_check_lists_every_bad_record_in_one_pass(mixed_manifest, capsys):
+    from qoq.data.command import main
+
+    assert main(["check", str(mixed_manifest)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    bad = [o for o in out if o.startswith(str(mixed_manifest))]
+    assert [o.split(":")[1] for o in bad] == ["2", "3", "5", "6"], out
+    assert "corrupt_dicom" in bad[0] and "truncated.dcm" in bad[0]
+    assert "empty.png" in bad[1] and "NaN" in bad[2] and "transposed.npy" in bad[3]
+    assert out[-1] == "2 good, 4 bad record(s) in 1 manifest(s)"
+
+
+def test_data_module_finds_bad_files_at_setup(mixed_manifest):
+    from qoq.data.datamodules import ClinicalDataModule
+
+    with pytest.raises(DataError, match=rf"{mixed_manifest}:2: field 'images'.*truncated.dcm"):
+        ClinicalDataModule(manifests=[str(mixed_manifest)]).setup("fit")
+
+
+def test_skip_invalid_drops_bad_records_for_good_and_lists_them(mixed_manifest, tmp_path):
+    from types import SimpleNamespace
+
+    from qoq.data.datamodules import ClinicalDataModule
+
+    dm = ClinicalDataModule(manifests=[str(mixed_manifest)], skip_invalid=True, val_fraction=0.0)
+    run = str(tmp_path / "run")
+    dm.trainer = SimpleNamespace(is_global_zero=True, global_rank=0, world_size=1, default_root_dir=run)
+    dm.setup("fit")
+    assert sorted(r.id for r in dm.train_records) == ["good-ct", "good-ecg"]
+    assert dm.skip_counter.total == 4
+    listed = [json.loads(x) for x in (tmp_path / "run" / "skipped.jsonl").read_text().splitlines()]
+    assert [(e["line"], e["reason"]) for e in listed][0] == (2, "corrupt_dicom")
+    assert {e["file"] for e in listed} == {str(mixed_manifest)} and len(listed) == 4
+
+
+def test_a_record_that_fails_while_training_is_counted_once(corpus):
+    from qoq.data.dataset import ClinicalDataset
+    from qoq.data.records import Record
+
+    record = Record.from_json(json.loads(line("late", images=["good.dcm"])), base_dir=corpus)
+    dataset = ClinicalDataset([record], skip_invalid=True)
+    (corpus / "good.dcm").write_bytes(b"")  # the file broke after the manifest was checked
+    assert dataset[0] is None and dataset[0] is None
+    assert dataset.counter.total == 1
