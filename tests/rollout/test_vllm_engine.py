@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from rollout_helpers import chat_embeds, max_logprob_gap, tiny_lm
+from rollout_helpers import chat_embeds, favouring, max_logprob_gap, tiny_lm
 
 from qoq.rl.rollout import HFEngine, StaleWeightsError, VLLMEngine
 from qoq.types import SamplingParams
@@ -126,6 +126,27 @@ def test_suppressed_ids_are_never_sampled(rig):
     sampled = batch.response_ids[batch.response_mask]
     assert sampled.numel() > 300
     assert not set(sampled.tolist()) & set(SUPPRESS)
+
+
+@pytest.mark.parametrize("margin", [30.0, 300.0])
+def test_a_favoured_placeholder_is_never_emitted(rig, margin):
+    """The policy's logits favour a suppressed (placeholder) id by ``margin`` at the first response token,
+    beyond vLLM's logit-bias range (+-100) too: neither engine emits it, and vLLM's log-probs still equal
+    the trainer's renormalised over the allowed ids."""
+    model, prompts, placeholder = rig.model, _prompts(rig), 450
+    assert placeholder in SUPPRESS
+    first = SamplingParams(n=1, max_new_tokens=1, temperature=0.0)
+    sampled = SamplingParams(n=16, max_new_tokens=4, temperature=1.0, seed=0)
+    try:
+        with favouring(model, prompts, placeholder, margin):
+            rig.vllm.sync_weights(model.state_dict().items())
+            for engine in (rig.hf, rig.vllm):
+                for params in (first, sampled):
+                    batch = engine.generate(prompts, params)
+                    assert placeholder not in batch.response_ids[batch.response_mask].tolist()
+            assert max_logprob_gap(model, prompts, batch, 1.0, SUPPRESS) < 1e-4
+    finally:
+        rig.vllm.sync_weights(model.state_dict().items())
 
 
 def test_empty_responses(rig):
