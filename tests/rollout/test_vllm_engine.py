@@ -195,6 +195,31 @@ def test_sync_after_an_optimizer_step_keeps_engines_aligned(rig):
     assert gap_after < 1e-4 and gap_sampled < 1e-4
 
 
+def test_prefix_cache_never_serves_kv_of_old_weights(rig, monkeypatch):
+    """vLLM's prefix cache is keyed on the prompt embeddings' content, so prompts whose embeddings stay
+    bit-identical across a push (frozen embeddings, LoRA, a text prompt) would get KV computed with the old
+    weights: the push drops the cache. Without that reset the same check fails (the test is sensitive)."""
+    model = rig.model
+    generator = torch.Generator().manual_seed(5)
+    scale = model.get_input_embeddings().weight.std().item()
+    prompts = [torch.randn(200, 64, generator=generator) * scale for _ in range(2)]  # several KV blocks each
+    params = SamplingParams(n=1, max_new_tokens=4, temperature=0.0)
+
+    def gap_after_a_step(seed: int) -> float:
+        rig.vllm.generate(prompts, params)  # caches the prompts' KV at the current weights
+        _lm_step(model, lr=1e-2, seed=seed)
+        rig.vllm.sync_weights(model.state_dict().items())
+        return max_logprob_gap(model, prompts, rig.vllm.generate(prompts, params), 0.0, SUPPRESS)
+
+    assert gap_after_a_step(seed=7) < 1e-4
+    monkeypatch.setattr(VLLMEngine, "_reset_caches", staticmethod(lambda llm: None))
+    stale = gap_after_a_step(seed=8)
+    monkeypatch.undo()
+    rig.vllm.sync_weights(model.state_dict().items())  # resets the cache for the tests after this one
+    print(f"log-prob gap with the prefix cache kept across the push: {stale:.2e}")
+    assert stale > 1e-2
+
+
 def test_stale_push_is_detected(rig):
     model = rig.model
     stale = {k: v.clone() for k, v in model.state_dict().items()}
