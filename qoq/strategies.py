@@ -111,8 +111,8 @@ class PolicyFSDPStrategy(FSDPStrategy):
         layers: extra module classes (qualified names) to wrap, besides the ones found automatically.
         sharding_strategy: "FULL_SHARD" (ZeRO-3, the paper), "SHARD_GRAD_OP" (ZeRO-2) or "HYBRID_SHARD"
             (full shard inside a node, replicate across nodes). For no sharding use DDP.
-        mixed_precision: compute dtype of the parameters ("bf16", "fp16"), with gradients reduced in fp32;
-            None computes in the parameters' dtype. Keep ``trainer.precision: 32-true`` with it.
+        mixed_precision: compute dtype of the parameters ("bf16", "fp16"), with gradients reduced and
+            buffers kept in fp32; None computes in the parameters' dtype. Keep ``trainer.precision: 32-true`` with it.
         activation_checkpointing: recompute each wrapped layer's activations in the backward pass.
         cpu_offload: keep the sharded parameters (and gradients) in CPU memory between uses.
         state_dict_type: "full" (one ``.ckpt`` file gathered on rank 0) or "sharded" (a folder of shards,
@@ -146,7 +146,9 @@ class PolicyFSDPStrategy(FSDPStrategy):
             from torch.distributed.fsdp import MixedPrecision
 
             dtype = _DTYPES[mixed_precision]
-            mp = MixedPrecision(param_dtype=dtype, reduce_dtype=torch.float32, buffer_dtype=dtype)
+            # buffers stay fp32: the LM's rotary tables are buffers the rollout engine rebuilds in fp32 from
+            # the config; bf16 copies move the trainer's log-probs off the engine's (tests/rollout/test_sync_buffers.py)
+            mp = MixedPrecision(param_dtype=dtype, reduce_dtype=torch.float32, buffer_dtype=torch.float32)
         super().__init__(
             sharding_strategy=sharding_strategy,
             mixed_precision=mp,

@@ -30,12 +30,15 @@ class RewardTarget:
         labels: the dataset's closed label set.
         boxes: ground-truth boxes ``[K, 4]`` as ``x1, y1, x2, y2`` pixels of the resized image, or None.
         mask: ground-truth mask ``[H, W]`` (bool) of the resized image, or None.
+        image_size: ``(H, W)`` of the resized image the boxes refer to, or None (the box-reward guard's
+            coverage limit needs it when there is no mask).
     """
 
     answer: tuple[str, ...]
     labels: tuple[str, ...]
     boxes: Tensor | None = None
     mask: Tensor | None = None
+    image_size: tuple[int, int] | None = None
 
     @property
     def has_region(self) -> bool:

@@ -120,3 +120,17 @@ def test_balancing_configs_run(tmp_path: Path, method: str) -> None:
         assert any(c.startswith("train/sample_prob/") for c in columns)
     else:
         assert {"train/gen_batches", "train/kept_groups", "train/informative_group_frac"} <= columns
+
+
+@pytest.mark.parametrize("overlay", ["algorithm/gspo", "loss/tis", "loss/seq_mask", "loss/icepop"])
+def test_objective_configs_run(tmp_path: Path, overlay: str) -> None:
+    """GSPO and each engine/trainer mismatch correction, one file on top of the demo (HF engine); the
+    corrections log the masked fraction every step."""
+    _fit(tmp_path, "--config", str(ROOT / f"configs/{overlay}.yaml"),
+         "--config", str(ROOT / "configs/rollout/hf.yaml"), "--trainer.max_steps", "2")
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert state["global_step"] == 2
+    rows = [r for r in csv.DictReader(open(tmp_path / "metrics.csv")) if r.get("train/loss")]
+    assert len(rows) == 2 and all(float(r["train/loss"]) == float(r["train/loss"]) for r in rows)
+    if overlay.startswith("loss/"):
+        assert all(0.0 <= float(r["train/is_masked_frac"]) <= 1.0 for r in rows)

@@ -179,7 +179,8 @@ class ClinicalDataset(Dataset):
             items.setdefault("video", []).append(frames_to_tensor(read_frames(path, self.num_frames), size))
         for path in record.time_series:
             items.setdefault("ecg", []).append(torch.from_numpy(read_ecg(path, self.ecg_spec)))  # [leads, T]
-        target = RewardTarget(answer=record.answer, labels=record.labels, boxes=boxes, mask=mask)
+        frame = (size, size) if record.images else None  # the resized first image: the boxes' frame
+        target = RewardTarget(answer=record.answer, labels=record.labels, boxes=boxes, mask=mask, image_size=frame)
         return Sample(record, prompt_text(record, self.instruction), items, target, reference_response(record, boxes))
 
 

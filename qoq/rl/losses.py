@@ -1,4 +1,5 @@
-"""Policy-gradient loss pieces (ALGORITHMS.md section 3): KL estimators, aggregation, PPO-clip.
+"""Policy-gradient loss pieces (ALGORITHMS.md sections 3 and 7): KL estimators, aggregation, PPO-clip with
+token- or sequence-level (GSPO) ratios, engine/trainer mismatch corrections, non-finite checks.
 
 Micro-batching: :func:`loss_normalizer` counts the tokens or sequences of the *whole optimizer step*;
 every micro-batch calls :func:`policy_loss` with that normaliser and the losses are summed (or their
@@ -17,7 +18,10 @@ from torch import Tensor
 
 KLKind = Literal["k1", "k2", "k3"]
 AggMode = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"]
+RatioLevel = Literal["token", "sequence"]
+MismatchMode = Literal["token_tis", "seq_mask", "icepop"]
 _AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
+_MISMATCH_MODES = ("token_tis", "seq_mask", "icepop")
 _LOG_RATIO_CLAMP = 20.0  # keeps exp() finite (and gradients NaN-free) without changing clamped outputs
 
 
@@ -127,6 +131,109 @@ def truncated_is_weights(old_logp: Tensor, engine_logp: Tensor, cap: float = 2.0
     return log_w.exp().clamp(max=cap)
 
 
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Per-row mean of ``values`` over ``mask``.
+
+    Args:
+        values: ``[N, R]``.
+        mask: ``[N, R]`` bool.
+
+    Returns:
+        ``[N]`` means (0 for rows with no masked entry).
+    """
+    m = mask.to(values.dtype)
+    return (values * m).sum(-1) / m.sum(-1).clamp(min=1)
+
+
+def sequence_log_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
+    """GSPO's length-normalised sequence log-ratio: (1 / |y_i|) sum_t (logp - old_logp).
+
+    Args:
+        logp: ``[N, R]`` current log-probs (gradients flow through them).
+        old_logp: ``[N, R]`` log-probs of the sampling policy.
+        mask: ``[N, R]`` bool response mask.
+
+    Returns:
+        ``[N]`` log s_i (0 for empty responses).
+    """
+    return masked_mean(logp - old_logp, mask)
+
+
+def mismatch_weights(
+    old_logp: Tensor,
+    engine_logp: Tensor,
+    mask: Tensor,
+    mode: MismatchMode,
+    *,
+    low: float = 0.5,
+    high: float = 2.0,
+    seq_agg: Literal["mean", "sum"] = "mean",
+) -> Tensor:
+    """Per-token weights correcting for the engine/trainer mismatch (ALGORITHMS.md section 7).
+
+    With rho_t = exp(old_logp - engine_logp) (trainer vs rollout engine, same weights):
+
+    - ``token_tis`` (truncated IS): w_t = min(rho_t, high); ``low`` is unused.
+    - ``seq_mask`` (masked IS, a rejection): rho_i = exp(mean_t log rho_t) (``seq_agg="mean"``, the
+      geometric mean) or exp(sum_t log rho_t) (``"sum"``, the product); w_t = 1 for every token of a
+      response with low <= rho_i <= high, 0 for every token of the others.
+    - ``icepop`` (IcePop token masking): w_t = rho_t where low <= rho_t <= high, else 0.
+
+    Each weight is a function of its own row only, so micro-batching cannot change it. Masked tokens keep
+    their place in the loss normaliser (their loss is zero, the step's token count is unchanged).
+
+    Args:
+        old_logp: ``[N, R]`` trainer log-probs of the sampling policy.
+        engine_logp: ``[N, R]`` the rollout engine's log-probs of the same tokens.
+        mask: ``[N, R]`` bool response mask.
+        mode: ``"token_tis"``, ``"seq_mask"`` or ``"icepop"``.
+        low: lower bound of the band (masking modes).
+        high: cap (``token_tis``) or upper bound of the band (masking modes).
+        seq_agg: how ``seq_mask`` reduces the token log-ratios of a response.
+
+    Returns:
+        ``[N, R]`` detached weights, 0 on padding; a masked response token is exactly 0.
+    """
+    if mode not in _MISMATCH_MODES:
+        raise ValueError(f"unknown mismatch correction {mode!r}; expected one of {_MISMATCH_MODES}")
+    if mode != "token_tis" and not 0 <= low <= high:
+        raise ValueError(f"mismatch band must satisfy 0 <= low <= high, got [{low}, {high}]")
+    log_rho = (old_logp - engine_logp).detach().float().clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)  # [N, R]
+    m = mask.to(log_rho.dtype)
+    if mode == "token_tis":
+        weights = log_rho.exp().clamp(max=high)
+    elif mode == "icepop":
+        rho = log_rho.exp()
+        weights = torch.where((rho >= low) & (rho <= high), rho, torch.zeros_like(rho))
+    else:
+        if seq_agg == "mean":
+            log_seq = masked_mean(log_rho, mask)
+        elif seq_agg == "sum":
+            log_seq = (log_rho * m).sum(-1)
+        else:
+            raise ValueError(f"seq_agg must be 'mean' or 'sum', got {seq_agg!r}")
+        rho_seq = log_seq.clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP).exp()  # [N]
+        keep = (rho_seq >= low) & (rho_seq <= high)
+        weights = keep.to(log_rho.dtype)[:, None].expand_as(log_rho)
+    return (weights * m).to(old_logp.dtype)
+
+
+def nonfinite_rows(values: Tensor, mask: Tensor | None = None) -> list[int]:
+    """Rows holding a NaN or infinite value (on ``mask`` only, when given).
+
+    Args:
+        values: ``[N, ...]``.
+        mask: bool of the same shape, or None (every entry counts).
+
+    Returns:
+        The offending row indices, ascending.
+    """
+    bad = ~torch.isfinite(values.detach())
+    if mask is not None:
+        bad = bad & mask
+    return torch.nonzero(bad.reshape(len(values), -1).any(-1)).flatten().tolist()
+
+
 def policy_loss(
     logp: Tensor,
     old_logp: Tensor,
@@ -144,13 +251,23 @@ def policy_loss(
     entropy: Tensor | None = None,
     entropy_coef: float = 0.0,
     is_weights: Tensor | None = None,
+    ratio_level: RatioLevel = "token",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO-clip surrogate with optional dual-clip, KL-to-reference term and entropy bonus.
 
     Per token, with ratio rho = exp(logp - old_logp) and A the response's advantage:
     pg = max(-A rho, -A clip(rho, 1 - eps_low, 1 + eps_high)); with dual-clip c (> 1), for A < 0,
-    pg = min(pg, -A c). With ``is_weights`` w (truncated importance sampling), pg *= w. The per-token loss
-    pg + kl_coef * KL(logp, ref_logp) - entropy_coef * entropy is reduced by :func:`aggregate`.
+    pg = min(pg, -A c). With ``is_weights`` w (a mismatch correction, :func:`mismatch_weights`), pg *= w.
+    The per-token loss pg + kl_coef * KL(logp, ref_logp) - entropy_coef * entropy is reduced by
+    :func:`aggregate`.
+
+    ``ratio_level="sequence"`` is GSPO (Zheng et al. 2025): every token of response i carries the value of
+    the sequence ratio s_i = exp(:func:`sequence_log_ratio`), with the gradient of its own log-prob
+    (s_it = sg(s_i) * exp(logp_t - sg(logp_t)), the "GSPO-token" form), and clipping acts on s_i, so a
+    response is clipped as a whole. With one advantage per response this has the value and the gradient of
+    the sequence-level objective -min(s_i A, clip(s_i) A) under every aggregation mode (d s_i / d logp_t =
+    s_i / |y_i|); the paper's average over responses is ``agg="seq_mean_token_mean"``. s_i depends on its
+    own row only: micro-batching does not change it.
 
     Args:
         logp: ``[N, R]`` current log-probs of the sampled tokens (with grad).
@@ -167,19 +284,27 @@ def policy_loss(
         kl_kind: KL estimator.
         entropy: ``[N, R]`` per-token policy entropy (with grad for a bonus), or None.
         entropy_coef: coefficient of the entropy bonus.
-        is_weights: ``[N, R]`` per-token importance weights (e.g. :func:`truncated_is_weights`), or None.
+        is_weights: ``[N, R]`` per-token importance weights (e.g. :func:`mismatch_weights`), or None.
+        ratio_level: ``"token"`` (PPO / GRPO) or ``"sequence"`` (GSPO).
 
     Returns:
         ``loss`` (scalar) and detached metrics, each aggregated like the loss: ``pg_loss``, ``clip_frac``
         (tokens where the clipped term is active), ``dual_clip_frac``, ``approx_kl`` (k3 of old vs
-        current), ``kl`` (vs reference, when given), ``entropy`` (when given).
+        current), ``kl`` (vs reference, when given), ``entropy`` (when given), and with ``is_weights``:
+        ``is_weight`` (their mean) and ``is_masked_frac`` (tokens whose weight is exactly 0).
     """
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
     if advantages.shape != logp.shape[:1]:
         raise ValueError(f"advantages must be [N] = {tuple(logp.shape[:1])}, got {tuple(advantages.shape)}")
     adv = advantages.detach().to(logp.dtype)[:, None]  # [N, 1]
-    log_ratio = (logp - old_logp.detach()).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    if ratio_level == "token":
+        log_ratio = (logp - old_logp.detach()).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    elif ratio_level == "sequence":
+        log_seq = sequence_log_ratio(logp.detach(), old_logp.detach(), mask).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+        log_ratio = log_seq[:, None] + logp - logp.detach()  # value log s_i, gradient of logp_t
+    else:
+        raise ValueError(f"ratio_level must be 'token' or 'sequence', got {ratio_level!r}")
     ratio = log_ratio.exp()  # [N, R]
     pg_unclipped = -adv * ratio
     pg_clipped = -adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
@@ -203,6 +328,9 @@ def policy_loss(
         metrics["clip_frac"] = agg_(clipped.to(logp.dtype))
         metrics["dual_clip_frac"] = agg_(dual.to(logp.dtype))
         metrics["approx_kl"] = agg_(kl_penalty(logp.detach(), old_logp.detach(), "k3"))
+        if is_weights is not None:
+            metrics["is_weight"] = agg_(is_weights.detach().to(logp.dtype))
+            metrics["is_masked_frac"] = agg_((is_weights.detach() == 0).to(logp.dtype))
     if ref_logp is not None:
         kl = kl_penalty(logp, ref_logp.detach(), kl_kind)
         if kl_coef:
@@ -227,6 +355,4 @@ def response_kl(logp: Tensor, ref_logp: Tensor, mask: Tensor, kind: KLKind = "k3
     Returns:
         ``[N]`` detached per-response KL (0 for empty responses).
     """
-    m = mask.to(logp.dtype)
-    kl = kl_penalty(logp.detach(), ref_logp.detach(), kind)
-    return (kl * m).sum(-1) / m.sum(-1).clamp(min=1)
+    return masked_mean(kl_penalty(logp.detach(), ref_logp.detach(), kind), mask)

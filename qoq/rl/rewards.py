@@ -4,6 +4,16 @@ Response contract (:data:`RESPONSE_FORMAT`): reasoning in ``<think>...</think>``
 ```json list of ``{"bbox_2d": [x1, y1, x2, y2], "label": ...}`` in pixels of the image the model saw;
 the final answer in ``\\boxed{...}``. :func:`extract_answer` is the one answer extractor, shared by the
 training reward and evaluation.
+
+Box convention (one for prompts, ground truth, rewards, reports): continuous pixel-edge coordinates
+``x1, y1, x2, y2`` of the *resized* image the model saw (origin at its top-left corner, x to the right,
+y down, a box around pixel column c spans [c, c + 1)), never 0-1 or 0-1000. Ground truth is converted into
+it once, at the data edge (:func:`qoq.data.transforms.scale_boxes`, :func:`~qoq.data.transforms.resize_mask`).
+
+Box-reward hacking guard (:class:`BoxGuard`, on by default): with the paper's max over predicted boxes, a
+policy can list many boxes, or one box over the whole image. Only the first ``max_boxes`` boxes are scored,
+and a box covering more than ``max_coverage`` of the image scores 0 unless the ground-truth region itself
+is that large. ``RewardFn(box_guard=None)`` is the paper's unguarded reward.
 """
 
 from __future__ import annotations
@@ -249,11 +259,51 @@ def box_mask_iou(pred: Sequence[Box] | Tensor, mask: Tensor) -> Tensor:
     return torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(inter))
 
 
+@dataclass(frozen=True)
+class BoxGuard:
+    """Limits on what the IoU reward scores, against box-reward hacking (see the module docstring).
+
+    Args:
+        max_boxes: only the first this many predicted boxes (in order of appearance) are scored; None: all.
+        max_coverage: a box covering more than this fraction of the image (after clipping to it) scores 0,
+            unless the ground-truth region (the mask, or its largest box) covers at least as much; None: no
+            limit. Needs the image size
+            (the mask's, or :attr:`~qoq.types.RewardTarget.image_size`); without it the limit is skipped.
+    """
+
+    max_boxes: int | None = 4
+    max_coverage: float | None = 0.5
+
+    def __post_init__(self) -> None:
+        if self.max_boxes is not None and self.max_boxes < 1:
+            raise ValueError(f"BoxGuard.max_boxes must be >= 1 or None, got {self.max_boxes}")
+        if self.max_coverage is not None and not 0 < self.max_coverage <= 1:
+            raise ValueError(f"BoxGuard.max_coverage must be in (0, 1] or None, got {self.max_coverage}")
+
+
+def box_coverage(boxes: Sequence[Box] | Tensor, image_size: tuple[int, int]) -> Tensor:
+    """Fraction of the image each box covers, after clipping it to the image.
+
+    Args:
+        boxes: ``[P, 4]`` boxes in the image's pixel frame.
+        image_size: ``(H, W)`` of the image.
+
+    Returns:
+        ``[P]`` float64 in [0, 1].
+    """
+    h, w = image_size
+    b = _box_tensor(boxes)
+    clipped = torch.stack([b[:, 0].clamp(0, w), b[:, 1].clamp(0, h), b[:, 2].clamp(0, w), b[:, 3].clamp(0, h)], -1)
+    return _area(clipped) / float(h * w)
+
+
 def iou_reward(
     pred_boxes: Sequence[Box] | Tensor,
     gt_boxes: Tensor | None = None,
     gt_mask: Tensor | None = None,
     reduce: Literal["max", "mean"] = "max",
+    guard: BoxGuard | None = None,
+    image_size: tuple[int, int] | None = None,
 ) -> float:
     """Region reward: each predicted box's IoU with the mask, or its best IoU over the GT boxes.
 
@@ -262,6 +312,8 @@ def iou_reward(
         gt_boxes: ``[K, 4]`` ground-truth boxes, or None.
         gt_mask: ``[H, W]`` ground-truth mask, or None (used in preference to boxes when given).
         reduce: over predicted boxes: ``"max"`` (paper) or ``"mean"`` (released code, without its bug).
+        guard: the hacking guard; None scores every box as the paper does.
+        image_size: ``(H, W)`` of the image the boxes refer to; default the mask's shape.
 
     Returns:
         The reward in [0, 1].
@@ -269,6 +321,8 @@ def iou_reward(
     if reduce not in ("max", "mean"):
         raise ValueError(f"reduce must be 'max' or 'mean', got {reduce!r}")
     pred = _box_tensor(pred_boxes)
+    if guard is not None and guard.max_boxes is not None:
+        pred = pred[: guard.max_boxes]
     if gt_mask is not None:
         per_box = box_mask_iou(pred, gt_mask) if len(pred) else torch.zeros(0)
     elif gt_boxes is not None and len(gt_boxes) > 0:
@@ -277,6 +331,14 @@ def iou_reward(
         raise ValueError("iou_reward needs gt_boxes or gt_mask")
     if per_box.numel() == 0:
         return 0.0
+    size = image_size if image_size is not None else (tuple(gt_mask.shape) if gt_mask is not None else None)
+    if guard is not None and guard.max_coverage is not None and size is not None:
+        if gt_mask is not None:
+            gt_cover = float(gt_mask.bool().float().mean())
+        else:
+            gt_cover = float(box_coverage(gt_boxes, size).max())
+        if gt_cover < guard.max_coverage:
+            per_box = torch.where(box_coverage(pred, size) > guard.max_coverage, torch.zeros_like(per_box), per_box)
     return float(per_box.max() if reduce == "max" else per_box.mean())
 
 
@@ -369,12 +431,14 @@ class RewardFn:
     scaled up to the same total (default weights: accuracy 0.75, format 0.25). A component that raises
     is scored 0, counted in ``errors`` and its message kept (first few). The accuracy, IoU and format
     components are always computed (for logging), whatever their weight. :data:`RELEASED_WEIGHTS` with
-    ``format_mode="graded"`` and ``iou_reduce="mean"`` mirrors the released code.
+    ``format_mode="graded"``, ``iou_reduce="mean"`` and ``box_guard=None`` mirrors the released code.
 
     Args:
         weights: component -> weight, components among ``accuracy``, ``iou``, ``format``, ``length``;
             default the paper's ``{"accuracy": 0.6, "iou": 0.2, "format": 0.2}``.
         iou_reduce: ``"max"`` (paper) or ``"mean"`` over predicted boxes.
+        box_guard: limits on the boxes the IoU reward scores (default: the first 4, none covering more
+            than half the image unless the ground truth does); None is the paper's unguarded reward.
         format_mode: ``"binary"`` (paper) or ``"graded"`` (released).
         synonyms: alias -> label, used by the answer extractor.
         max_error_messages: how many error messages to keep.
@@ -386,6 +450,7 @@ class RewardFn:
         self,
         weights: Mapping[str, float] | None = None,
         iou_reduce: Literal["max", "mean"] = "max",
+        box_guard: BoxGuard | None = BoxGuard(),
         format_mode: Literal["binary", "graded"] = "binary",
         synonyms: dict[str, str] | None = None,
         max_error_messages: int = 5,
@@ -398,7 +463,7 @@ class RewardFn:
             raise ValueError(f"iou_reduce must be 'max' or 'mean', got {iou_reduce!r}")
         if format_mode not in ("binary", "graded"):
             raise ValueError(f"format_mode must be 'binary' or 'graded', got {format_mode!r}")
-        self.iou_reduce, self.format_mode = iou_reduce, format_mode
+        self.iou_reduce, self.format_mode, self.box_guard = iou_reduce, format_mode, box_guard
         self.synonyms = dict(synonyms or {})
         self.max_error_messages = max_error_messages
         self.components = ["accuracy", "iou", "format"] + [c for c in self.weights if c == "length"]
@@ -414,7 +479,9 @@ class RewardFn:
         if name == "accuracy":
             return accuracy_reward(text, target, self.synonyms)
         if name == "iou":
-            return iou_reward(parse_boxes(text), target.boxes, target.mask, self.iou_reduce)
+            return iou_reward(
+                parse_boxes(text), target.boxes, target.mask, self.iou_reduce, self.box_guard, target.image_size
+            )
         if name == "format":
             return format_reward(text, self.format_mode)
         if name == "length":

@@ -1,5 +1,5 @@
 """Lightning systems that compose qoq's components into a training loop."""
 
-from qoq.systems.policy_optimization import LossConfig, PolicyOptimization
+from qoq.systems.policy_optimization import LossConfig, NonFiniteError, PolicyOptimization
 
-__all__ = ["LossConfig", "PolicyOptimization"]
+__all__ = ["LossConfig", "NonFiniteError", "PolicyOptimization"]

@@ -36,7 +36,7 @@ from qoq.types import PromptBatch, RolloutBatch, SamplingParams
 
 @dataclass
 class LossConfig:
-    """Policy-loss settings (ALGORITHMS.md section 3).
+    """Policy-loss settings (ALGORITHMS.md sections 3 and 7; docs/OBJECTIVES.md).
 
     Args:
         eps_low: lower PPO clip range (ratio >= 1 - eps_low).
@@ -46,7 +46,16 @@ class LossConfig:
         kl_kind: KL estimator: "k1", "k2" or "k3" (low-variance, clamped to [-10, 10]).
         entropy_coef: entropy bonus coefficient (off by default).
         agg: loss aggregation: "token_mean", "seq_mean_token_mean" (paper) or "seq_mean_token_sum".
-        tis_cap: truncated importance-sampling cap for the engine/trainer mismatch; None disables it.
+        ratio_level: "token" (PPO / GRPO ratio per token) or "sequence" (GSPO: the length-normalised
+            sequence ratio, clipped per response; use clip ranges near 3e-4 / 4e-4, configs/algorithm/gspo.yaml).
+        mismatch: engine/trainer mismatch correction from the rollout engine's log-probs: "token_tis"
+            (truncated IS, weights min(rho_t, mismatch_high)), "seq_mask" (drop responses whose sequence
+            ratio leaves [mismatch_low, mismatch_high]), "icepop" (zero the loss of tokens whose ratio leaves
+            the band, weight the others by it); None (default) only logs the mismatch.
+        mismatch_low: lower bound of the band of the masking modes.
+        mismatch_high: the cap of "token_tis", the upper bound of the band of the masking modes.
+        mismatch_seq_agg: "seq_mask"'s sequence ratio: "mean" (geometric mean of the token ratios) or
+            "sum" (their product).
     """
 
     eps_low: float = 0.2
@@ -56,7 +65,15 @@ class LossConfig:
     kl_kind: Literal["k1", "k2", "k3"] = "k3"
     entropy_coef: float = 0.0
     agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = "token_mean"
-    tis_cap: float | None = None
+    ratio_level: Literal["token", "sequence"] = "token"
+    mismatch: Literal["token_tis", "seq_mask", "icepop"] | None = None
+    mismatch_low: float = 0.5
+    mismatch_high: float = 2.0
+    mismatch_seq_agg: Literal["mean", "sum"] = "mean"
+
+
+class NonFiniteError(FloatingPointError):
+    """A NaN or infinite log-prob, ratio, loss or gradient in a training step (never given to the optimizer)."""
 
 
 class PolicyOptimization(L.LightningModule):
@@ -271,6 +288,7 @@ class PolicyOptimization(L.LightningModule):
             with torch.no_grad():
                 ref_logp = self._reference_logprobs(batch, embeds, rollout)  # [N, R] or None
                 old_logp, known, behaviour_logp = self._old_logprobs(embeds, rollout, plan, ref_logp is not None)
+        self._check_inputs(batch, rollout, old_logp, ref_logp)
 
         with clock("advantage"):
             prompt_keys = [self._domain_key(batch, i) for i in range(len(batch))]  # per prompt, not per row
@@ -282,6 +300,8 @@ class PolicyOptimization(L.LightningModule):
                 kl_seq = losses.response_kl(behaviour_logp, ref_logp, mask, "k3")  # [N]
             adv_out = self._advantages(rewards, rollout.prompt_index, domain_ids, kl_seq, scored.components)
             advantages = adv_out.advantages.to(self.device)  # [N]
+        self._check_finite(batch, rollout, rewards, None, "reward")
+        self._check_finite(batch, rollout, advantages, None, "advantage")
 
         with clock("update"):
             update_metrics = self._update(
@@ -459,6 +479,43 @@ class PolicyOptimization(L.LightningModule):
         out.advantages = out.advantages[rank * n_local : (rank + 1) * n_local]
         return out
 
+    def _check_inputs(self, batch: PromptBatch, rollout: RolloutBatch, old_logp: Tensor, ref_logp: Tensor | None) -> None:
+        """The update's inputs are finite, and a mismatch correction has the engine's log-probs it needs."""
+        if self.loss_cfg.mismatch is not None and rollout.engine_logprobs is None:
+            raise ValueError(
+                f"loss.mismatch={self.loss_cfg.mismatch!r} needs the rollout engine's log-probs, and "
+                f"{type(self.rollout).__name__} reported none"
+            )
+        if rollout.engine_logprobs is not None:
+            self._check_finite(batch, rollout, rollout.engine_logprobs, None, "rollout (engine log-probs)")
+        if ref_logp is not None:
+            self._check_finite(batch, rollout, ref_logp, None, "reference log-probs")
+        self._check_finite(batch, rollout, old_logp, None, "old log-probs")
+
+    def _check_finite(self, batch: PromptBatch, rollout: RolloutBatch, values: Tensor, rows: Tensor | None, phase: str) -> None:
+        """Raise :class:`NonFiniteError` naming the step, the phase and the prompt ids of non-finite rows.
+
+        Args:
+            batch: the step's prompts.
+            rollout: the step's responses.
+            values: ``[n]`` or ``[n, R]`` values of the responses ``rows`` (every response when None);
+                ``[n, R]`` values count on response tokens only.
+            rows: ``[n]`` response rows, or None.
+            phase: where in the step the values come from (for the message).
+        """
+        rows = rows if rows is not None else torch.arange(len(rollout.prompt_index), device=values.device)
+        mask = rollout.response_mask[rows].to(values.device) if values.ndim == 2 else None
+        bad = losses.nonfinite_rows(values, mask)
+        if bad:
+            raise NonFiniteError(
+                f"step {self.global_step}, phase '{phase}': non-finite values in {len(bad)} response(s), prompts "
+                f"{self._prompt_ids(batch, rollout, rows[bad])}"
+            )
+
+    @staticmethod
+    def _prompt_ids(batch: PromptBatch, rollout: RolloutBatch, rows: Tensor) -> list[str]:
+        return sorted({str(batch.ids[i]) for i in rollout.prompt_index[rows].tolist()})
+
     def _micro_batches(self, rows: Tensor, rollout: RolloutBatch, prompt_lengths: list[int] | None) -> list[Tensor]:
         """Split a mini-batch's rows into micro-batches by ``micro_batch_size`` and ``token_budget``."""
         size = self.micro_batch_size or len(rows)
@@ -557,9 +614,13 @@ class PolicyOptimization(L.LightningModule):
                         fill = micro[~known[micro]]
                         old_logp[fill] = logp.detach()[~known[micro]]
                         known[fill] = True
-                    tis = None
-                    if cfg.tis_cap is not None and rollout.engine_logprobs is not None:
-                        tis = torch.exp(old_logp[micro] - rollout.engine_logprobs[micro]).clamp(max=cfg.tis_cap)
+                    self._check_finite(batch, rollout, logp, micro, "update (current log-probs)")
+                    is_weights = None
+                    if cfg.mismatch is not None:
+                        is_weights = losses.mismatch_weights(
+                            old_logp[micro], rollout.engine_logprobs[micro], rollout.response_mask[micro],
+                            cfg.mismatch, low=cfg.mismatch_low, high=cfg.mismatch_high, seq_agg=cfg.mismatch_seq_agg,
+                        )
                     loss, metrics = losses.policy_loss(
                         logp,
                         old_logp[micro],
@@ -575,8 +636,14 @@ class PolicyOptimization(L.LightningModule):
                         kl_kind=cfg.kl_kind,
                         entropy=entropy,
                         entropy_coef=cfg.entropy_coef,
-                        is_weights=tis,
+                        is_weights=is_weights,
+                        ratio_level=cfg.ratio_level,
                     )
+                    if not torch.isfinite(loss):
+                        raise NonFiniteError(
+                            f"step {self.global_step}, phase 'update (loss)': non-finite loss {float(loss)} for prompts "
+                            f"{self._prompt_ids(batch, rollout, micro)}"
+                        )
                     self.manual_backward(loss)
                     # micro-batch metrics share the step's normaliser: their sum is the step's value
                     for k, v in metrics.items():
@@ -590,6 +657,11 @@ class PolicyOptimization(L.LightningModule):
                         self.hparams.grad_clip,
                     )
                     collected["grad_norm"].append(torch.as_tensor(norm, dtype=torch.float32).detach().cpu())
+                    if not math.isfinite(float(norm)):
+                        raise NonFiniteError(
+                            f"step {self.global_step}, phase 'update (gradients)': non-finite gradient norm for prompts "
+                            f"{self._prompt_ids(batch, rollout, rows)}"
+                        )
                 opt.step()
                 stepped = True
         return {k: torch.stack(v).mean() for k, v in collected.items()}
@@ -830,4 +902,4 @@ def _trace(batch: PromptBatch, rollout: RolloutBatch, scored, advantages: Tensor
     return rows
 
 
-__all__ = ["LossConfig", "PolicyOptimization"]
+__all__ = ["LossConfig", "NonFiniteError", "PolicyOptimization"]

@@ -92,6 +92,7 @@ def test_boxes_and_mask_follow_the_resize(tmp_path: Path) -> None:
     sample = ClinicalDataset([record], image_size=10)[0]
     # Scale (sx, sy) = (10 / 40, 10 / 20) = (0.25, 0.5).
     torch.testing.assert_close(sample.target.boxes, torch.tensor([[1.0, 1.0, 5.0, 5.0]]))
+    assert sample.target.image_size == (10, 10)  # the boxes' frame, for the box-reward guard
     expected = torch.zeros(10, 10, dtype=torch.bool)
     expected[1:5, 1:5] = True
     assert torch.equal(sample.target.mask, expected)

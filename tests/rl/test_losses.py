@@ -1,4 +1,5 @@
-"""Policy loss: KL estimators, aggregation modes (whole == micro-batched), PPO clip and dual-clip."""
+"""Policy loss: KL estimators, aggregation modes (whole == micro-batched), PPO clip and dual-clip, GSPO's
+sequence ratio, the engine/trainer mismatch corrections and the non-finite row finder."""
 
 import math
 
@@ -12,8 +13,11 @@ from qoq.rl.losses import (
     entropy_from_logits,
     kl_penalty,
     loss_normalizer,
+    mismatch_weights,
+    nonfinite_rows,
     policy_loss,
     response_kl,
+    sequence_log_ratio,
     truncated_is_weights,
 )
 
@@ -132,6 +136,106 @@ def test_entropy_from_logits():
     assert float(entropy_from_logits(torch.tensor([0.0, -1e4]))) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_gspo_sequence_ratio_and_clipping_by_hand():
+    # Response 0: token ratios e^.1, e^.3 -> s_0 = e^.2; response 1: one token, ratio e^-.5 -> s_1 = e^-.5.
+    # Padding (row 1, token 1) must not count.
+    old = torch.zeros(2, 2)
+    logp = torch.tensor([[0.1, 0.3], [-0.5, 9.0]], requires_grad=True)
+    mask = torch.tensor([[True, True], [True, False]])
+    torch.testing.assert_close(sequence_log_ratio(logp, old, mask), torch.tensor([0.2, -0.5]))
+    adv = torch.tensor([1.0, 1.0])
+    s0, s1 = math.exp(0.2), math.exp(-0.5)
+    # no clipping (wide range), seq_mean_token_mean: loss = -(s_0 + s_1) / 2
+    loss, m = policy_loss(logp, old, adv, mask, eps_low=0.9, eps_high=0.9, agg="seq_mean_token_mean",
+                          normalizer=2.0, ratio_level="sequence")
+    assert loss.item() == pytest.approx(-(s0 + s1) / 2)
+    loss.backward()
+    # d/d logp_t of -s_i / (2 responses) = -s_i / (|y_i| * 2): the sequence objective's gradient
+    torch.testing.assert_close(logp.grad, torch.tensor([[-s0 / 4, -s0 / 4], [-s1 / 2, 0.0]]))
+    # clip .15: s_0 = 1.221 > 1.15 is clipped as a whole (A > 0); s_1 = .607 < .85 is not (A > 0 keeps min)
+    logp.grad = None
+    loss, m = policy_loss(logp, old, adv, mask, eps_low=0.15, eps_high=0.15, agg="seq_mean_token_mean",
+                          normalizer=2.0, ratio_level="sequence")
+    assert loss.item() == pytest.approx(-(1.15 + s1) / 2)
+    assert float(m["clip_frac"]) == pytest.approx(0.5)  # response 0's two tokens, one of two responses
+    loss.backward()
+    assert logp.grad[0].abs().sum() == 0 and logp.grad[1, 0] != 0
+    # the token-level ratio clips token 1 of response 0 only (e^.3 = 1.35 > 1.15; e^.1 = 1.105 < 1.15)
+    loss_tok, m_tok = policy_loss(logp, old, adv, mask, eps_low=0.15, eps_high=0.15, agg="seq_mean_token_mean",
+                                  normalizer=2.0)
+    assert loss_tok.item() == pytest.approx(-((math.exp(0.1) + 1.15) / 2 + s1) / 2)
+    assert float(m_tok["clip_frac"]) == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="ratio_level"):
+        policy_loss(logp, old, adv, mask, normalizer=1.0, ratio_level="response")
+
+
+def test_gspo_token_form_equals_the_sequence_objective_for_every_aggregation():
+    # With one advantage per response, -A s_i on every token aggregated any way gives the same gradient as
+    # the sequence objective sum_i w_i * -A_i s_i with s_i = exp(mean log-ratio) (w_i: the mode's weight).
+    gen = torch.Generator().manual_seed(3)
+    logp = -torch.rand(3, 4, generator=gen)
+    old = logp + 0.05 * torch.randn(3, 4, generator=gen)
+    mask = torch.tensor([[True] * 4, [True, True, False, False], [True, False, False, False]])
+    adv = torch.tensor([0.5, -1.0, 2.0])
+    lengths = mask.sum(-1).float()
+    for mode in MODES:
+        norm = loss_normalizer(mask, mode)
+        a = logp.clone().requires_grad_(True)
+        loss, _ = policy_loss(a, old, adv, mask, eps_low=10.0, eps_high=10.0, agg=mode, normalizer=norm,
+                              ratio_level="sequence")
+        loss.backward()
+        b = logp.clone().requires_grad_(True)
+        s = torch.exp(sequence_log_ratio(b, old, mask))
+        weight = {"token_mean": lengths, "seq_mean_token_mean": torch.ones(3), "seq_mean_token_sum": lengths}[mode]
+        ((-adv * s * weight).sum() / norm).backward()
+        torch.testing.assert_close(loss, ((-adv * s.detach() * weight).sum() / norm))
+        torch.testing.assert_close(a.grad, b.grad, msg=mode)
+
+
+def test_mismatch_weights_by_hand():
+    # rho = old / engine per token: row 0: [2, .5, 4]; row 1: [1, 8, pad]; row 2: [.25, pad, pad]
+    old = torch.log(torch.tensor([[0.4, 0.1, 0.8], [0.5, 0.8, 0.3], [0.1, 0.9, 0.9]]))
+    engine = torch.log(torch.tensor([[0.2, 0.2, 0.2], [0.5, 0.1, 0.9], [0.4, 0.1, 0.1]]))
+    mask = torch.tensor([[True, True, True], [True, True, False], [True, False, False]])
+    tis = mismatch_weights(old, engine, mask, "token_tis", high=2.0)
+    torch.testing.assert_close(tis, torch.tensor([[2.0, 0.5, 2.0], [1.0, 2.0, 0.0], [0.25, 0.0, 0.0]]))
+    torch.testing.assert_close(tis[mask], truncated_is_weights(old, engine, cap=2.0)[mask])
+    ice = mismatch_weights(old, engine, mask, "icepop", low=0.5, high=5.0)
+    torch.testing.assert_close(ice, torch.tensor([[2.0, 0.5, 4.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+    # geometric means: row 0: (2 * .5 * 4)^(1/3) = 4^(1/3) = 1.587; row 1: (1 * 8)^(1/2) = 2.83; row 2: .25
+    seq = mismatch_weights(old, engine, mask, "seq_mask", low=0.5, high=2.0)
+    torch.testing.assert_close(seq, torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+    # products: row 0: 4 (out of [.5, 2]); row 1: 8; row 2: .25. With [.2, 5]: row 0 and row 2 kept.
+    prod = mismatch_weights(old, engine, mask, "seq_mask", low=0.2, high=5.0, seq_agg="sum")
+    torch.testing.assert_close(prod, torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0]]))
+    with pytest.raises(ValueError, match="mismatch correction"):
+        mismatch_weights(old, engine, mask, "tis")
+    with pytest.raises(ValueError, match="band"):
+        mismatch_weights(old, engine, mask, "icepop", low=3.0, high=2.0)
+
+
+def test_masked_tokens_have_zero_loss_and_are_counted():
+    # IcePop drops token 1 (rho 8); the normaliser still counts it: loss = (-1 * 2 + 0 + -1 * 1) / 3 tokens
+    logp = torch.zeros(1, 3, requires_grad=True)
+    weights = mismatch_weights(
+        torch.log(torch.tensor([[0.4, 0.8, 0.5]])), torch.log(torch.tensor([[0.2, 0.1, 0.5]])),
+        torch.ones(1, 3, dtype=torch.bool), "icepop", low=0.5, high=5.0,
+    )
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    loss, m = policy_loss(logp, logp.detach(), torch.tensor([1.0]), mask, normalizer=3.0, is_weights=weights)
+    assert loss.item() == pytest.approx(-3.0 / 3)
+    assert float(m["is_masked_frac"]) == pytest.approx(1 / 3) and float(m["is_weight"]) == pytest.approx(1.0)
+    loss.backward()
+    assert logp.grad[0, 1] == 0 and logp.grad[0, 0] != 0
+
+
+def test_nonfinite_rows():
+    values = torch.tensor([[0.0, float("nan")], [float("-inf"), 1.0], [0.0, 0.0]])
+    assert nonfinite_rows(values) == [0, 1]
+    assert nonfinite_rows(values, torch.tensor([[True, False], [True, True], [True, True]])) == [1]
+    assert nonfinite_rows(torch.tensor([1.0, float("inf"), 2.0])) == [1]
+
+
 @settings(max_examples=30, deadline=None)
 @given(
     st.integers(2, 7),
@@ -139,8 +243,10 @@ def test_entropy_from_logits():
     st.integers(0, 10_000),
     st.sampled_from(MODES),
     st.sampled_from([None, 2.0]),
+    st.sampled_from(["token", "sequence"]),
+    st.sampled_from([None, "token_tis", "seq_mask", "icepop"]),
 )
-def test_micro_batches_sum_to_the_whole_batch(n, r, seed, mode, dual):
+def test_micro_batches_sum_to_the_whole_batch(n, r, seed, mode, dual, level, correction):
     gen = torch.Generator().manual_seed(seed)
     logp = -torch.rand(n, r, generator=gen) * 3
     old = logp + 0.3 * torch.randn(n, r, generator=gen)
@@ -148,14 +254,20 @@ def test_micro_batches_sum_to_the_whole_batch(n, r, seed, mode, dual):
     adv = torch.randn(n, generator=gen)
     lengths = torch.randint(0, r + 1, (n,), generator=gen)
     mask = torch.arange(r)[None] < lengths[:, None]  # [N, R], some responses may be empty
+    engine = old + 0.3 * torch.randn(n, r, generator=gen)
     split = int(torch.randint(1, n, (1,), generator=gen))
-    kw = {"agg": mode, "dual_clip": dual, "kl_coef": 0.05, "eps_high": 0.28}
+    kw = {"agg": mode, "dual_clip": dual, "kl_coef": 0.05, "eps_high": 0.28, "ratio_level": level}
     norm = loss_normalizer([mask[:split], mask[split:]], mode)
     assert norm == loss_normalizer(mask, mode)
 
     def run(sl):
         lp = logp[sl].clone().requires_grad_(True)
-        loss, metrics = policy_loss(lp, old[sl], adv[sl], mask[sl], normalizer=norm, ref_logp=ref[sl], **kw)
+        weights = None
+        if correction is not None:  # computed per micro-batch, as the system does
+            weights = mismatch_weights(old[sl], engine[sl], mask[sl], correction, low=0.7, high=1.4)
+        loss, metrics = policy_loss(
+            lp, old[sl], adv[sl], mask[sl], normalizer=norm, ref_logp=ref[sl], is_weights=weights, **kw
+        )
         loss.backward()
         return loss, metrics, lp.grad
 

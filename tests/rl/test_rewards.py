@@ -8,7 +8,9 @@ import torch
 from qoq.rl.rewards import (
     RELEASED_WEIGHTS,
     RESPONSE_FORMAT,
+    BoxGuard,
     RewardFn,
+    box_coverage,
     box_iou,
     box_mask_iou,
     extract_answer,
@@ -103,6 +105,64 @@ def test_iou_reward_reductions():
     assert iou_reward([(0, 0, 4, 4)], gt_boxes=gt, gt_mask=mask) == 0.25  # the mask wins over boxes
     with pytest.raises(ValueError, match="gt_boxes or gt_mask"):
         iou_reward(preds)
+
+
+def _json(*boxes) -> str:
+    items = ", ".join(f'{{"bbox_2d": {list(b)}, "label": "x"}}' for b in boxes)
+    return f"<think>t</think>\n```json\n[{items}]\n```\n\\boxed{{Pneumonia}}"
+
+
+def test_box_coverage_clips_to_the_image():
+    cover = box_coverage([(0, 0, 50, 100), (-100, -100, 500, 500), (90, 90, 110, 110)], (100, 100))
+    torch.testing.assert_close(cover, torch.tensor([0.5, 1.0, 0.01], dtype=torch.float64))
+
+
+def test_box_guard_against_hand_drawn_adversarial_outputs():
+    """A 100 x 100 image: many boxes, one whole-image box, a box mostly off the image; honest boxes keep
+    their reward."""
+    size = (100, 100)
+    small = torch.tensor([[10.0, 10, 30, 30]])  # covers .04
+    large = torch.tensor([[0.0, 0, 60, 80]])  # covers .48
+    guard = BoxGuard(max_boxes=4, max_coverage=0.5)
+
+    def reward(boxes, gt, guard=guard):
+        return iou_reward(parse_boxes(_json(*boxes)), gt_boxes=gt, guard=guard, image_size=size)
+
+    # honest: IoU (18 * 18) / 400 = .81, guarded or not
+    assert reward([(12, 12, 30, 30)], small) == pytest.approx(0.81)
+    assert reward([(12, 12, 30, 30)], small, None) == pytest.approx(0.81)
+    # spraying: eight decoys then the exact box: 1.0 under the paper's max, 0 once only 4 boxes count
+    spray = [(50 + 5 * i, 50, 55 + 5 * i, 55) for i in range(8)] + [(10, 10, 30, 30)]
+    assert reward(spray, small, None) == 1.0 and reward(spray, small) == 0.0
+    # ...while an honest answer with its best box among the first four still scores
+    assert reward([(50, 50, 55, 55), (10, 10, 30, 30)], small) == 1.0
+    # one whole-image box against a region of .48 of the image: IoU .48 unguarded, 0 guarded
+    assert reward([(0, 0, 100, 100)], large, None) == pytest.approx(0.48) and reward([(0, 0, 100, 100)], large) == 0.0
+    # a huge box far beyond the image is clipped to it for the coverage: still the whole image
+    assert reward([(-1e4, -1e4, 1e4, 1e4)], large) == 0.0
+    # the right box for the large region is not penalised (it covers .48 < .5)
+    assert reward([(0, 0, 60, 80)], large) == 1.0
+    # a ground-truth region larger than the limit lifts it: a whole-image box scores its IoU .7
+    big = torch.tensor([[0.0, 0, 100, 70]])
+    assert reward([(0, 0, 100, 100)], big) == pytest.approx(0.7)
+    # no image size and no mask: the coverage limit cannot apply, the box cap still does
+    assert iou_reward([(0, 0, 100, 100)], gt_boxes=large, guard=guard) == pytest.approx(0.48)
+    # masks: the image size is the mask's; a whole-image box against a 2 x 2 region of 4 x 4 scores 0
+    mask = torch.zeros(4, 4, dtype=torch.bool)
+    mask[:2, :2] = True
+    assert iou_reward([(0, 0, 4, 4)], gt_mask=mask, guard=guard) == 0.0
+    assert iou_reward([(0, 0, 4, 4)], gt_mask=mask) == 0.25
+    with pytest.raises(ValueError, match="max_boxes"):
+        BoxGuard(max_boxes=0)
+    with pytest.raises(ValueError, match="max_coverage"):
+        BoxGuard(max_coverage=1.5)
+
+
+def test_reward_fn_guards_boxes_by_default():
+    gt = RewardTarget(answer=("Pneumonia",), labels=LABELS, boxes=torch.tensor([[0.0, 0, 60, 80]]), image_size=(100, 100))
+    whole = _json((0, 0, 100, 100))
+    assert float(RewardFn()([whole], [gt]).components["iou"][0]) == 0.0
+    assert float(RewardFn(box_guard=None)([whole], [gt]).components["iou"][0]) == pytest.approx(0.48)
 
 
 # ------------------------------------------------------------------------------------------- format

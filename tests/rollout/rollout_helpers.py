@@ -4,6 +4,7 @@ log-probs the engines must reproduce."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -78,3 +79,25 @@ def max_logprob_gap(model, prompts, batch, temperature: float, suppress: Sequenc
         want = trainer_logprobs(model, prompts[int(batch.prompt_index[row])], ids, temperature, suppress)
         gap = max(gap, (batch.engine_logprobs[row, real] - want).abs().max().item())
     return gap
+
+
+@contextlib.contextmanager
+def favouring(model: torch.nn.Module, prompts: Sequence[Tensor], token_id: int, margin: float):
+    """Make ``token_id`` the first response token of every prompt by ``margin`` logits over the others.
+
+    The model's embeddings are tied to its LM head: the token's row is set (least squares) so that its
+    logit after each prompt's last position is the largest other logit plus ``margin``; restored on exit.
+    """
+    head = model.get_input_embeddings().weight  # [V, H], also the LM head
+    saved = head[token_id].clone()
+    with torch.no_grad():
+        hidden = torch.stack([model.model(inputs_embeds=p[None]).last_hidden_state[0, -1] for p in prompts])  # [P, H]
+        logits = hidden @ head.T  # [P, V]
+        logits[:, token_id] = float("-inf")
+        want = logits.max(-1).values + margin  # [P]
+        head[token_id] = torch.linalg.lstsq(hidden, want[:, None]).solution[:, 0]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            head[token_id] = saved

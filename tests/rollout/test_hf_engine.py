@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from rollout_helpers import chat_embeds, max_logprob_gap, tiny_lm
+from rollout_helpers import chat_embeds, favouring, max_logprob_gap, tiny_lm
 
 from qoq.rl.rollout import HFEngine
 from qoq.types import SamplingParams
@@ -120,6 +120,21 @@ def test_suppressed_ids_are_never_sampled(rig):
     assert not sampled & set(suppress)
     assert not set(engine.generate(prompts, greedy).response_ids.flatten().tolist()) & set(suppress)
     assert max_logprob_gap(model, prompts, hot, 2.0, suppress) < 1e-4  # renormalised over allowed ids
+
+
+@pytest.mark.parametrize("margin", [30.0, 300.0])
+def test_a_favoured_placeholder_is_never_emitted(rig, margin):
+    """The policy's logits favour a suppressed (placeholder) id by ``margin`` at the first response token:
+    it is never emitted, greedy or sampled, and the reported log-probs are renormalised without it."""
+    model, _, prompts, _ = rig
+    placeholder, first = 450, SamplingParams(n=1, max_new_tokens=1, temperature=0.0)
+    with favouring(model, prompts, placeholder, margin):
+        assert _engine(rig).generate(prompts, first).response_ids[:, 0].tolist() == [placeholder] * 3
+        engine = _engine(rig, suppress_token_ids=(placeholder,))
+        for params in (first, SamplingParams(n=16, max_new_tokens=4, temperature=1.0, seed=0)):
+            batch = engine.generate(prompts, params)
+            assert placeholder not in batch.response_ids[batch.response_mask].tolist()
+            assert batch.engine_logprobs[batch.response_mask].isfinite().all()
 
 
 def test_checkpoint_generation_config_does_not_leak(rig):

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from rollout_helpers import chat_embeds, max_logprob_gap, tiny_lm
+from rollout_helpers import chat_embeds, favouring, max_logprob_gap, tiny_lm
 
 from qoq.rl.rollout import HFEngine, StaleWeightsError, VLLMEngine
 from qoq.types import SamplingParams
@@ -128,6 +128,27 @@ def test_suppressed_ids_are_never_sampled(rig):
     assert not set(sampled.tolist()) & set(SUPPRESS)
 
 
+@pytest.mark.parametrize("margin", [30.0, 300.0])
+def test_a_favoured_placeholder_is_never_emitted(rig, margin):
+    """The policy's logits favour a suppressed (placeholder) id by ``margin`` at the first response token,
+    beyond vLLM's logit-bias range (+-100) too: neither engine emits it, and vLLM's log-probs still equal
+    the trainer's renormalised over the allowed ids."""
+    model, prompts, placeholder = rig.model, _prompts(rig), 450
+    assert placeholder in SUPPRESS
+    first = SamplingParams(n=1, max_new_tokens=1, temperature=0.0)
+    sampled = SamplingParams(n=16, max_new_tokens=4, temperature=1.0, seed=0)
+    try:
+        with favouring(model, prompts, placeholder, margin):
+            rig.vllm.sync_weights(model.state_dict().items())
+            for engine in (rig.hf, rig.vllm):
+                for params in (first, sampled):
+                    batch = engine.generate(prompts, params)
+                    assert placeholder not in batch.response_ids[batch.response_mask].tolist()
+            assert max_logprob_gap(model, prompts, batch, 1.0, SUPPRESS) < 1e-4
+    finally:
+        rig.vllm.sync_weights(model.state_dict().items())
+
+
 def test_empty_responses(rig):
     """Make <|endoftext|> (an EOS) the greedy first token of prompt 0: its response is just the EOS."""
     model, prompts = rig.model, _prompts(rig)
@@ -172,6 +193,31 @@ def test_sync_after_an_optimizer_step_keeps_engines_aligned(rig):
         f"sampled T=1 {gap_sampled:.2e}"
     )
     assert gap_after < 1e-4 and gap_sampled < 1e-4
+
+
+def test_prefix_cache_never_serves_kv_of_old_weights(rig, monkeypatch):
+    """vLLM's prefix cache is keyed on the prompt embeddings' content, so prompts whose embeddings stay
+    bit-identical across a push (frozen embeddings, LoRA, a text prompt) would get KV computed with the old
+    weights: the push drops the cache. Without that reset the same check fails (the test is sensitive)."""
+    model = rig.model
+    generator = torch.Generator().manual_seed(5)
+    scale = model.get_input_embeddings().weight.std().item()
+    prompts = [torch.randn(200, 64, generator=generator) * scale for _ in range(2)]  # several KV blocks each
+    params = SamplingParams(n=1, max_new_tokens=4, temperature=0.0)
+
+    def gap_after_a_step(seed: int) -> float:
+        rig.vllm.generate(prompts, params)  # caches the prompts' KV at the current weights
+        _lm_step(model, lr=1e-2, seed=seed)
+        rig.vllm.sync_weights(model.state_dict().items())
+        return max_logprob_gap(model, prompts, rig.vllm.generate(prompts, params), 0.0, SUPPRESS)
+
+    assert gap_after_a_step(seed=7) < 1e-4
+    monkeypatch.setattr(VLLMEngine, "_reset_caches", staticmethod(lambda llm: None))
+    stale = gap_after_a_step(seed=8)
+    monkeypatch.undo()
+    rig.vllm.sync_weights(model.state_dict().items())  # resets the cache for the tests after this one
+    print(f"log-prob gap with the prefix cache kept across the push: {stale:.2e}")
+    assert stale > 1e-2
 
 
 def test_stale_push_is_detected(rig):

