@@ -276,10 +276,17 @@ def test_non_finite_log_probs_raise_before_the_optimizer(tmp_path, one_batch, ph
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-@pytest.mark.parametrize("n", [1, 2])
-def test_single_sample_and_all_equal_groups_give_zero_finite_advantages(tmp_path, one_batch, n) -> None:
-    """n = 1 (no group to compare with) and a constant reward (every group all-equal): a finite step that
-    moves nothing but the KL term, for every estimator."""
+def test_single_sample_groups_are_refused_at_construction(tmp_path) -> None:
+    """n = 1 leaves nothing to compare with: every group-relative advantage would be 0 and nothing would
+    train, so the setting is refused before anything is built (the estimators themselves return zeros)."""
+    with pytest.raises(ValueError, match="sampling.n=1: group-relative advantages"):
+        _system(tmp_path, sampling=SamplingParams(n=1))
+
+
+@pytest.mark.parametrize("n", [2])
+def test_all_equal_groups_give_zero_finite_advantages(tmp_path, one_batch, n) -> None:
+    """A constant reward (every group all-equal): a finite step that moves nothing but the KL term, for
+    every estimator."""
     from qoq.rl.advantages import DRPO, RLOO, DrGRPO, ReinforcePPBaseline
 
     class Constant(RewardFn):
