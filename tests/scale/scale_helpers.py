@@ -208,3 +208,17 @@ class KillAt(Callback):
     def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
         if trainer.global_step >= self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def vllm_greedy_after_sync(policy: Any, prompts: list[torch.Tensor], workdir: Path, max_new_tokens: int = 12) -> Any:
+    """Greedy rollouts of ``prompts`` (embeddings) by a real vLLM engine after a verified sync of ``policy``."""
+    from qoq.rl.rollout import VLLMEngine
+    from qoq.types import SamplingParams
+
+    engine = VLLMEngine(kv_cache_gib=1)
+    try:
+        engine.setup(policy.lm, policy.tokenizer, workdir, eos_token_ids=policy.eos_token_ids)
+        assert engine.sync_weights(policy.lm_weights_for_sync()).verified
+        return engine.generate(prompts, SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens))
+    finally:
+        engine.close()

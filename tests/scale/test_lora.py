@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from scale_helpers import fit_system, text_batch
+from scale_helpers import fit_system, text_batch, vllm_greedy_after_sync
 from transformers import Qwen2ForCausalLM
 
 from qoq.models import Policy, TinyLM
@@ -101,21 +101,11 @@ def test_quantized_sync_weights_are_dequantized_and_merged(bits):
 @pytest.mark.vllm
 @pytest.mark.parametrize("quantization", [None, "4bit"])
 def test_vllm_greedy_output_matches_the_trainer_after_a_merged_sync(quantization, tmp_path):
-    from qoq.rl.rollout import VLLMEngine
-
     policy = Policy(TinyLM(**TINY), lora=LORA, quantization=quantization, system_prompt=None).build()
     _randomise_adapters(policy)
     prompts = [policy.embed_ids(torch.randint(3, 400, (n,))).detach() for n in (6, 11, 9)]
-    greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=12)
     hf = HFEngine()
     hf.setup(policy.lm, policy.tokenizer, tmp_path, eos_token_ids=policy.eos_token_ids)
-    engine = VLLMEngine(kv_cache_gib=1)
-    try:
-        engine.setup(policy.lm, policy.tokenizer, tmp_path / "engine", eos_token_ids=policy.eos_token_ids)
-        report = engine.sync_weights(policy.lm_weights_for_sync())
-        assert report.verified
-        want = hf.generate(prompts, greedy)
-        got = engine.generate(prompts, greedy)
-    finally:
-        engine.close()
+    got = vllm_greedy_after_sync(policy, prompts, tmp_path / "engine")  # synced before any HF forward
+    want = hf.generate(prompts, SamplingParams(n=1, temperature=0.0, max_new_tokens=12))
     assert got.response_ids.tolist() == want.response_ids.tolist()

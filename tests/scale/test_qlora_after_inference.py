@@ -13,6 +13,7 @@ import io
 import bitsandbytes as bnb
 import pytest
 import torch
+from scale_helpers import vllm_greedy_after_sync
 from test_lora import LORA, TINY, _randomise_adapters
 
 from qoq.models import Policy, TinyLM
@@ -94,20 +95,12 @@ def test_dequantizing_a_repacked_weight_is_refused():
 def test_vllm_greedy_output_matches_the_trainer_after_an_inference_forward(tmp_path):
     """(b) Rollouts first (HF greedy, an eval forward), then the merged dequantized sync: vLLM's greedy
     tokens equal the trainer's."""
-    from qoq.rl.rollout import VLLMEngine
-
     policy = _qlora_policy()
     prompts = [policy.embed_ids(torch.randint(3, 400, (n,))).detach() for n in (6, 11, 9)]
     greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=12)
     hf = HFEngine()
     hf.setup(policy.lm, policy.tokenizer, tmp_path, eos_token_ids=policy.eos_token_ids)
     want = hf.generate(prompts, greedy)
-    engine = VLLMEngine(kv_cache_gib=1)
-    try:
-        engine.setup(policy.lm, policy.tokenizer, tmp_path / "engine", eos_token_ids=policy.eos_token_ids)
-        assert engine.sync_weights(policy.lm_weights_for_sync()).verified
-        got = engine.generate(prompts, greedy)
-    finally:
-        engine.close()
+    got = vllm_greedy_after_sync(policy, prompts, tmp_path / "engine")
     assert got.response_ids.tolist() == want.response_ids.tolist()
     assert hf.generate(prompts, greedy).response_ids.tolist() == want.response_ids.tolist()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from scale_helpers import fit_system
+from scale_helpers import fit_system, vllm_greedy_after_sync
 
 from qoq.models.qwen_vl import PretrainedQwen2_5_VL, QwenVLPolicy, TinyQwen2_5_VL, tiny_qwen_vl_policy
 from qoq.rl.advantages import DRPO
@@ -177,20 +177,12 @@ def test_image_prompts_have_one_token_per_merge_unit(policy):
 
 @pytest.mark.vllm
 def test_vllm_rollouts_of_image_prompts_match_hf(policy, tmp_path):
-    from qoq.rl.rollout import VLLMEngine
-
     with torch.no_grad():
         prompts = [e.detach() for e in policy.prompt_embeds(_batch())]
     greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=12)
     hf = HFEngine()
     hf.setup(policy.lm, policy.tokenizer, tmp_path, eos_token_ids=policy.eos_token_ids)
-    engine = VLLMEngine(kv_cache_gib=1)
-    try:
-        engine.setup(policy.lm, policy.tokenizer, tmp_path / "engine", eos_token_ids=policy.eos_token_ids)
-        assert engine.sync_weights(policy.lm_weights_for_sync()).verified
-        got = engine.generate(prompts, greedy)
-    finally:
-        engine.close()
+    got = vllm_greedy_after_sync(policy, prompts, tmp_path / "engine")
     want = hf.generate(prompts, greedy)
     assert got.response_ids.tolist() == want.response_ids.tolist()
 
