@@ -262,7 +262,7 @@ def _probe_trl_vllm_sync(trainer: Any) -> None:
     generation = trainer.vllm_generation
     try:
         generation.sync_weights()
-    except Exception as exc:  # noqa: BLE001 - whatever stops TRL's sync makes the arm unrunnable here
+    except Exception as exc:
         model = generation.llm.llm_engine.model_executor.driver_worker.model_runner.model
         linear = {n: p for n, p in model.named_parameters() if n.endswith("proj.weight")}
         bare = sorted(n for n, p in linear.items() if not hasattr(p, "weight_loader"))
