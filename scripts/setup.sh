@@ -14,8 +14,10 @@ cd "$(dirname "$0")/.."
 
 LOCK=requirements/lock-cpu.txt
 # The lock's pins need Python >= 3.11 (numpy 2.3, scipy 1.17); an older Python resolves the ranges instead.
-if [ -z "${QOQ_UNLOCKED:-}" ] && ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
-  echo "[setup] WARNING: $("$PYTHON" -V 2>&1) is older than the lock's Python 3.11: resolving the ranges of" \
+VPY="$PYTHON"
+[ -x "$VENV/bin/python" ] && VPY="$VENV/bin/python"
+if [ -z "${QOQ_UNLOCKED:-}" ] && ! "$VPY" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  echo "[setup] WARNING: $("$VPY" -V 2>&1) is older than the lock's Python 3.11: resolving the ranges of" \
        "requirements/ and pyproject.toml instead (a package set that was not tested)"
   QOQ_UNLOCKED=1
 fi
