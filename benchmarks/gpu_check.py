@@ -333,7 +333,19 @@ def _run_metrics(root: Path) -> dict[str, Any]:
 def throughput_size(
     name: str, lm: dict[str, Any], workload: dict[str, int], accelerator: str
 ) -> dict[str, Any]:
-    """In this process: qoq GRPO steps of one policy size; tokens/s of rollout and training, peak memory."""
+    """In this process: qoq GRPO steps of one policy size; tokens/s of rollout and training, peak memory.
+
+    Args:
+        name: the size's name (reported).
+        lm: ``qoq.models.TinyLM`` arguments.
+        workload: ``n``, ``max_new_tokens`` and ``steps`` (the first step is left out of the medians).
+        accelerator: "gpu" (bf16-mixed, peak memory from the CUDA allocator) or "cpu" (fp32, the dry run).
+
+    Returns:
+        ``params``, ``median_step_s``, ``rollout_tok_s`` (response tokens / rollout phase),
+        ``train_tok_s`` (prompt + response tokens / the rest of the step minus the weight sync),
+        ``peak_mem_gib``, ``eos_disabled``, ``setup_s``.
+    """
     import torch
 
     from qoq.rl.rollout import HFEngine
@@ -372,8 +384,9 @@ def throughput(budget: Budget, work: Path, env: dict[str, str], log: Path) -> di
     """Every size of :data:`SIZES` in a child process of its own, smallest first, while the budget lasts."""
     rows, record = [], {"ok": True, "seconds": 0.0}
     start = time.monotonic()
+    end = start + budget.limit("throughput")
     for name in SIZES:
-        left = min(SIZE_CAP_S, budget.limit("throughput") - (time.monotonic() - start))
+        left = min(SIZE_CAP_S, end - time.monotonic())
         if left < SIZE_MIN_S:
             record["stopped"] = f"{name} and larger not run: {left:.0f} s of the budget left"
             break
