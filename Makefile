@@ -5,10 +5,14 @@ VENV ?= .venv
 QOQ = $(VENV)/bin/qoq
 PY = $(VENV)/bin/python
 
-.PHONY: setup demo test test-slow test-gpu bench clean
+.PHONY: setup lock demo test test-slow test-gpu bench clean
 
 setup:
 	@bash scripts/setup.sh $(VENV)
+
+# Re-resolve the package ranges in a throwaway venv and rewrite requirements/lock-cpu.txt (deliberately).
+lock:
+	bash scripts/lock.sh
 
 demo: setup
 	$(QOQ) fit --config configs/demo_sft.yaml

@@ -348,6 +348,10 @@ def _step_recorder(keys: Sequence[str]) -> Any:
         def on_train_batch_end(
             self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
         ) -> None:
+            if pl_module.device.type == "cuda":  # the step's queued kernels belong to this step
+                import torch
+
+                torch.cuda.synchronize(pl_module.device)
             self.stamps.append(time.perf_counter())
             logged = trainer.callback_metrics
             self.metrics.append(
@@ -357,15 +361,22 @@ def _step_recorder(keys: Sequence[str]) -> Any:
     return StepRecorder()
 
 
-def bare_trainer(root: Path | str, steps: int, callbacks: Sequence[Any] = (), accelerator: str = "cpu") -> Any:
-    """A Lightning ``Trainer`` that drives a system as a real run does (one device, fp32, the module's own
-    logging every step), minus checkpoints, progress bar, logger files and validation."""
+def bare_trainer(
+    root: Path | str,
+    steps: int,
+    callbacks: Sequence[Any] = (),
+    accelerator: str = "cpu",
+    precision: str = "32-true",
+) -> Any:
+    """A Lightning ``Trainer`` that drives a system as a real run does (one device, fp32 unless ``precision``
+    says otherwise, the module's own logging every step), minus checkpoints, progress bar, logger files and
+    validation."""
     import lightning as L
 
     return L.Trainer(
         accelerator=accelerator,
         devices=1,
-        precision="32-true",
+        precision=precision,
         max_steps=steps,
         logger=False,
         enable_checkpointing=False,
@@ -390,13 +401,15 @@ def fit_grpo(
     system_prompt: str | None | bool = True,
     workdir: Path | None = None,
     seed: int = 0,
+    accelerator: str = "cpu",
+    precision: str = "32-true",
 ) -> dict[str, Any]:
     """Train qoq's GRPO (``PolicyOptimization`` + ``qoq.rl.advantages.GRPO``) for ``steps`` steps.
 
     The Lightning ``Trainer`` drives the system as in a real run (manual optimisation, the module's own
     logging), minus checkpointing, progress bar and logger. One optimizer step per rollout batch
     (``ppo_epochs=1``, ``mini_batches=1``), no KL term (so no reference model), AdamW
-    (``weight_decay=0``, betas 0.9/0.999), gradient clipping at 1.0, fp32.
+    (``weight_decay=0``, betas 0.9/0.999), gradient clipping at 1.0, fp32 (or ``precision``).
 
     Args:
         lm: ``TinyLM`` arguments.
@@ -409,6 +422,8 @@ def fit_grpo(
         system_prompt: see :func:`tiny_policy_lm`.
         workdir: folder for the engine's saved model; a temporary folder when None.
         seed: sampling seed (the step number is added each step).
+        accelerator: Lightning accelerator ("cpu", "gpu").
+        precision: Lightning precision (e.g. "bf16-mixed" on a GPU).
 
     Returns:
         ``step_s`` (wall seconds per step, step end to step end), ``phases`` (per step: the system's
@@ -453,7 +468,7 @@ def fit_grpo(
             engine_dir=str(root / "engine"),
         )
         recorder = _step_recorder(("time/", "train/response_length"))
-        trainer = bare_trainer(root, steps, [recorder])
+        trainer = bare_trainer(root, steps, [recorder], accelerator=accelerator, precision=precision)
         loader = DataLoader(Repeat(), batch_size=None, collate_fn=lambda b: b)
         trainer.fit(system, train_dataloaders=loader)
         setup_s = recorder.start - t0

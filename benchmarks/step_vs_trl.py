@@ -24,6 +24,9 @@ Known difference in work: qoq always recomputes the old log-probs (one extra no-
 skips them with HF generate when ``num_iterations=1``; with vLLM both compute them (TRL's importance
 sampling correction is on by default).
 
+The ``trl-vllm`` arm first runs TRL's weight sync once (:func:`_probe_trl_vllm_sync`): where vLLM's CPU
+backend lacks what that sync needs, the arm is reported as not runnable on this CPU, with the reason.
+
     python -m benchmarks.step_vs_trl [--smoke] [--out results.json]
     python -m benchmarks.step_vs_trl --arm trl-vllm --out arms.json     # arms in this process
 """
@@ -217,6 +220,8 @@ def _trl_arm(s: Settings, use_vllm: bool, workdir: Path) -> dict[str, Any]:
         processing_class=tok,
         callbacks=[clock],
     )
+    if use_vllm:
+        _probe_trl_vllm_sync(trainer)
     trainer.train()
     logs = [h for h in trainer.state.log_history if "completions/mean_length" in h]
     rows = s.prompts * s.n
@@ -237,6 +242,41 @@ def _trl_arm(s: Settings, use_vllm: bool, workdir: Path) -> dict[str, Any]:
         diffs = [h.get("sampling/sampling_logp_difference/mean") for h in logs]
         out["vllm_logp_difference_mean"] = [d for d in diffs if d is not None]
     return {**out, **_summary(step_s, tokens, s.warmup)}
+
+
+class NotRunnable(RuntimeError):
+    """An arm that cannot run on this machine (not a failure of qoq or of the benchmark); says why."""
+
+
+def _probe_trl_vllm_sync(trainer: Any) -> None:
+    """Run TRL's colocated weight sync once before training, on the weights vLLM has just loaded.
+
+    The sync pushes every trainer parameter through the vLLM model's ``load_weights``, which needs each
+    vLLM parameter's ``weight_loader``. vLLM's CPU backend may replace linear weights after loading (by
+    packed layouts for the CPU's matrix kernels) with plain Parameters that have none; then every step of
+    this arm would fail. Pushing identical weights changes nothing, costs one sync (tens of ms) and tells.
+
+    Raises:
+        NotRunnable: the sync fails; the reason names the error and the vLLM parameters without a loader.
+    """
+    generation = trainer.vllm_generation
+    try:
+        generation.sync_weights()
+    except Exception as exc:
+        model = generation.llm.llm_engine.model_executor.driver_worker.model_runner.model
+        linear = {n: p for n, p in model.named_parameters() if n.endswith("proj.weight")}
+        bare = sorted(n for n, p in linear.items() if not hasattr(p, "weight_loader"))
+        detail = (
+            f"; {len(bare)} of {len(linear)} linear weights of the vLLM model have no weight_loader "
+            f"(e.g. {bare[0]}): vLLM's CPU backend replaced them after loading"
+            if bare
+            else ""
+        )
+        raise NotRunnable(
+            "TRL's colocated vLLM weight sync (vLLM model.load_weights) fails with this vLLM CPU build on "
+            f"this CPU: {type(exc).__name__}: {exc}{detail}. qoq's own engine syncs through "
+            "reload_weights and is not affected"
+        ) from exc
 
 
 def run_arm(arm: str, smoke: bool = False) -> dict[str, Any]:
@@ -260,12 +300,15 @@ def run_arm(arm: str, smoke: bool = False) -> dict[str, Any]:
 def run_arms(arms: list[str], smoke: bool, out: Path) -> dict[str, Any]:
     """Run ``arms`` one after the other in this process; after each, write ``{arm: figures}`` to ``out``.
 
-    An arm that raises is recorded as ``{"error": ...}`` and the next one still runs.
+    An arm that cannot run on this machine is recorded as ``{"not_runnable": reason}``, one that raises
+    otherwise as ``{"error": ...}``; the next one still runs.
     """
     results: dict[str, Any] = {}
     for arm in arms:
         try:
             results[arm] = run_arm(arm, smoke)
+        except NotRunnable as exc:
+            results[arm] = {"not_runnable": str(exc)}
         except Exception:  # noqa: BLE001 - a failing arm is a result to report
             results[arm] = {"error": traceback.format_exc(limit=8)}
         common.write_json(out, results)
@@ -290,7 +333,8 @@ def run(
         timeout: seconds allowed per process.
 
     Returns:
-        ``settings``, ``arms`` (arm -> figures, or ``{"error": ...}`` with the log's tail), ``ratios``
+        ``settings``, ``arms`` (arm -> figures, ``{"not_runnable": reason}`` for an arm this machine
+        cannot run, or ``{"error": ...}`` with the log's tail), ``ratios``
         (engine -> qoq / TRL median step time) and ``target_ratio``.
     """
     s = SMOKE if smoke else FULL
@@ -327,6 +371,8 @@ def run(
                     + (
                         f"median step {r['median_step_s']:.3f} s, {r['tokens_per_s']:.0f} response tok/s"
                         if "median_step_s" in r
+                        else f"not runnable on this CPU: {r['not_runnable']}"
+                        if "not_runnable" in r
                         else "FAILED"
                     )
                     + f" (process {name}: {wall:.0f} s)",
@@ -363,8 +409,9 @@ def render(results: dict[str, Any]) -> str:
     ]
     rows = []
     for arm, r in results["arms"].items():
-        if "error" in r:
-            rows.append({"arm": arm, "median step (s)": "failed, see below"})
+        if "error" in r or "not_runnable" in r:
+            status = "not runnable on this CPU, see below" if "not_runnable" in r else "failed, see below"
+            rows.append({"arm": arm, "median step (s)": status})
             continue
         rows.append(
             {
@@ -401,6 +448,8 @@ def render(results: dict[str, Any]) -> str:
                 + ", ".join(f"{x:.2g}" for x in d)
                 + " (small and flat = its weight sync works)"
             )
+        if "not_runnable" in r:
+            lines.append(f"- {arm} **not runnable on this CPU**: {r['not_runnable']}")
         if "error" in r:
             lines.append(f"- {arm} **failed**:\n\n```\n{r['error'][-1500:]}\n```")
     return "\n".join(lines) + "\n"
