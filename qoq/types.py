@@ -276,19 +276,19 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        problems = [
-            message
-            for bad, message in (
-                (self.n < 1, f"n={self.n} (responses per prompt) must be >= 1"),
-                (self.max_new_tokens < 1, f"max_new_tokens={self.max_new_tokens} must be >= 1"),
-                (self.temperature < 0, f"temperature={self.temperature} must be >= 0"),
-                (not 0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1]"),
-                (self.top_k == 0 or self.top_k < -1, f"top_k={self.top_k} must be -1 (off) or >= 1"),
-            )
-            if bad
-        ]
-        if problems:
-            raise ValueError("sampling: " + "; ".join(problems))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field when these settings cannot be honoured by an engine."""
+        for bad, field, rule in (
+            (self.n < 1, "n", "must be >= 1"),
+            (self.max_new_tokens < 1, "max_new_tokens", "must be >= 1"),
+            (self.temperature < 0, "temperature", "must be >= 0"),
+            (not 0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
+            (self.top_k == 0 or self.top_k < -1, "top_k", "must be -1 (off) or >= 1"),
+        ):
+            if bad:
+                raise ValueError(f"SamplingParams.{field} {rule}, got {getattr(self, field)}")
 
 
 Metrics = dict[str, Any]

@@ -24,7 +24,7 @@ def _error(capsys, *args: str) -> str:
     ("args", "message"),
     [
         (["--model.init_args.sampling.n", "1"], "sampling.n=1: group-relative advantages"),
-        (["--model.init_args.sampling.n", "0"], "sampling: n=0 (responses per prompt) must be >= 1"),
+        (["--model.init_args.sampling.n", "0"], "SamplingParams.n must be >= 1, got 0"),
         (["--model.init_args.lr", "-0.1"], "PolicyOptimization: lr=-0.1 must be > 0"),
         (["--model.init_args.init_policy_from", "missing.ckpt"], "init_policy_from: no checkpoint at missing.ckpt"),
         (["--ckpt_path", "missing.ckpt"], "--ckpt_path missing.ckpt: no such checkpoint file"),

@@ -89,17 +89,9 @@ def unwrap_peft(model: Any) -> Any:
 
 
 def check_sampling_params(params: SamplingParams) -> None:
-    """Raise ``ValueError`` naming the field when ``params`` cannot be honoured by an engine."""
-    if params.n < 1:
-        raise ValueError(f"SamplingParams.n must be >= 1, got {params.n}")
-    if params.max_new_tokens < 1:
-        raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {params.max_new_tokens}")
-    if params.temperature < 0:
-        raise ValueError(f"SamplingParams.temperature must be >= 0, got {params.temperature}")
-    if not 0 < params.top_p <= 1:
-        raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {params.top_p}")
-    if params.top_k == 0 or params.top_k < -1:
-        raise ValueError(f"SamplingParams.top_k must be -1 (off) or >= 1, got {params.top_k}")
+    """Raise ``ValueError`` naming the field when ``params`` cannot be honoured by an engine (settings
+    changed after construction; :meth:`SamplingParams.validate`)."""
+    params.validate()
 
 
 def check_prompt_embeds(prompt_embeds: Sequence[Tensor], hidden_size: int) -> None:
