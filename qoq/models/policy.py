@@ -297,7 +297,8 @@ class Policy(L.LightningModule):
             if items is not None and len(items.values):
                 out[kind] = self.projector(projection, self.encoders[encoder](items.values))
             elif every:
-                dummy = self.projector(projection, self.encoders[encoder](self.encoders[encoder].dummy_input()))
+                module = self.encoders[encoder]
+                dummy = self.projector(projection, module(module.dummy_input()))
                 anchor = dummy.sum() * 0.0 if anchor is None else anchor + dummy.sum() * 0.0
         return out, anchor
 
@@ -692,7 +693,8 @@ def _token_logprobs(
 
 def _data_parallel() -> bool:
     """Whether this process is one of several ``torch.distributed`` ranks."""
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _ids_of(batch: PromptBatch, owner: Tensor) -> list[str]:
