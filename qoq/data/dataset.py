@@ -180,7 +180,9 @@ class ClinicalDataset(Dataset):
         for path in record.time_series:
             items.setdefault("ecg", []).append(torch.from_numpy(read_ecg(path, self.ecg_spec)))  # [leads, T]
         frame = (size, size) if record.images else None  # the resized first image: the boxes' frame
-        target = RewardTarget(answer=record.answer, labels=record.labels, boxes=boxes, mask=mask, image_size=frame)
+        target = RewardTarget(
+            answer=record.answer, labels=record.labels, boxes=boxes, mask=mask, image_size=frame
+        )
         return Sample(record, prompt_text(record, self.instruction), items, target, reference_response(record, boxes))
 
 

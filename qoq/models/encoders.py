@@ -106,6 +106,18 @@ class ModalityEncoder(L.LightningModule):
         if self.labels:
             self.head = nn.Linear(self.out_dim, len(self.labels))
 
+    def dummy_input(self) -> Tensor:
+        """One all-zero item this encoder accepts (``[1, ...]``, on its device).
+
+        Under data parallelism every rank runs every encoder at every step, on this when it has no item
+        of the kind, so that sharded (FSDP) ranks run the same collectives (see ``Policy.prompt_embeds``).
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not define dummy_input()")
+
+    def _zeros(self, *shape: int) -> Tensor:
+        param = next(self.parameters(), None)
+        return torch.zeros(shape, device=param.device if param is not None else None)
+
     def classify(self, x: Tensor) -> Tensor:
         """Logits ``[M, C]`` of the stage's linear head on the mean token."""
         if self.head is None:
@@ -245,6 +257,10 @@ class VisionEncoder(ModalityEncoder):
         load_weights(self.backbone, self.checkpoint, prefix="backbone.", filter_fn=filter_fn)
         self._loaded = True
 
+    def dummy_input(self) -> Tensor:
+        """One all-zero image ``[1, 3, image_size, image_size]``."""
+        return self._zeros(1, 3, self.image_size, self.image_size)
+
     def forward(self, x: Tensor) -> Tensor:
         """Encode images.
 
@@ -336,6 +352,11 @@ class VolumeEncoder(ModalityEncoder):
         """Load the frame encoder's checkpoint, if any."""
         self.frame_encoder.configure_model()
 
+    def dummy_input(self) -> Tensor:
+        """One all-zero volume ``[1, num_frames, 3, s, s]``."""
+        side = self.frame_encoder.image_size
+        return self._zeros(1, self.num_frames, 3, side, side)
+
     def forward(self, x: Tensor) -> Tensor:
         """Encode volumes.
 
@@ -420,6 +441,10 @@ class ECGEncoder(ModalityEncoder):
         if not self._loaded:
             load_weights(self, self.checkpoint)
             self._loaded = True
+
+    def dummy_input(self) -> Tensor:
+        """One all-zero recording ``[1, leads, samples]``."""
+        return self._zeros(1, self.leads, self.samples)
 
     def forward(self, x: Tensor) -> Tensor:
         """Encode ECGs.

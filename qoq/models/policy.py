@@ -268,20 +268,40 @@ class Policy(L.LightningModule):
         """The LM's input embeddings of token ids ``[...] -> [..., H]``."""
         return self.lm.get_input_embeddings()(ids)
 
-    def _projected_items(self, batch: PromptBatch) -> dict[str, Tensor]:
-        """kind -> projected tokens ``[M, T', H]`` of that kind's items."""
-        out = {}
+    def _encoder_paths(self) -> list[tuple[str, str, str]]:
+        """``(item kind, encoder, projector kind)`` of every way items are encoded, in one fixed order."""
+        return [(kind, kind, kind) for kind in self.encoders]
+
+    def _projected_items(self, batch: PromptBatch) -> tuple[dict[str, Tensor], Tensor | None]:
+        """kind -> projected tokens ``[M, T', H]`` of that kind's items, and a zero anchor or None.
+
+        Under data parallelism (``torch.distributed`` with several ranks) every encoder path runs at every
+        call, in the same order on every rank: on an all-zero :meth:`~ModalityEncoder.dummy_input` where
+        the batch has no item of its kind. Sharded ranks (FSDP) then run the same all-gathers and, through
+        the anchor (0 x the dummy outputs, added to the first prompt), the same reduce-scatters, whichever
+        modalities their prompts hold; otherwise a text-only rank next to an image rank desynchronises
+        the collectives (a crash on gloo, a hang on NCCL).
+        """
+        paths = self._encoder_paths()
         for kind, items in batch.modalities.items():
-            if len(items.values) == 0:
-                continue
-            if kind not in self.encoders:
+            if len(items.values) and kind not in {k for k, _, _ in paths}:
                 raise ValueError(
                     f"batch has {len(items.values)} {kind!r} item(s) "
                     f"(records {_ids_of(batch, items.owner)}) but "
                     f"the policy has no {kind!r} encoder (it has {sorted(self.encoders) or 'none'})"
                 )
-            out[kind] = self.projector(kind, self.encoders[kind](items.values))
-        return out
+        every = _data_parallel()
+        out: dict[str, Tensor] = {}
+        anchor: Tensor | None = None
+        for kind, encoder, projection in paths:
+            items = batch.modalities.get(kind)
+            if items is not None and len(items.values):
+                out[kind] = self.projector(projection, self.encoders[encoder](items.values))
+            elif every:
+                module = self.encoders[encoder]
+                dummy = self.projector(projection, module(module.dummy_input()))
+                anchor = dummy.sum() * 0.0 if anchor is None else anchor + dummy.sum() * 0.0
+        return out, anchor
 
     def prompt_embeds(self, batch: PromptBatch) -> list[Tensor]:
         """Embed each prompt with its modality items spliced in at the placeholders.
@@ -298,7 +318,7 @@ class Policy(L.LightningModule):
                 a prompt exceeds ``max_prompt_tokens``.
         """
         tok = self.tokenizer
-        projected = self._projected_items(batch)
+        projected, anchor = self._projected_items(batch)
         items_of: dict[str, list[list[int]]] = {k: [[] for _ in range(len(batch))] for k in PLACEHOLDERS}
         for kind, items in batch.modalities.items():
             for m, p in enumerate(items.owner.tolist()):
@@ -341,6 +361,8 @@ class Policy(L.LightningModule):
                     f"> max_prompt_tokens={self.max_prompt_tokens}"
                 )
             out.append(embeds)
+        if anchor is not None:  # keeps every encoder in the graph on every rank (see _projected_items)
+            out[0] = out[0] + anchor.to(out[0].dtype)
         return out
 
     # ----- log-probabilities -----------------------------------------------------------------------------
@@ -706,6 +728,12 @@ def _token_logprobs(
     if with_entropy:
         entropy = -(logprobs.exp() * logprobs).sum(-1).masked_fill(~mask, 0.0)  # [N, R]
     return logp, entropy
+
+
+def _data_parallel() -> bool:
+    """Whether this process is one of several ``torch.distributed`` ranks."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _ids_of(batch: PromptBatch, owner: Tensor) -> list[str]:

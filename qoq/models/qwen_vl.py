@@ -28,7 +28,6 @@ released weights are evaluated without fine-tuning (see docs/SCALING.md for the 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -405,6 +404,10 @@ class QwenVisionEncoder(ModalityEncoder):
         grid_thw = torch.tensor([[gt, g, g]] * m, device=frames.device)
         return patches.reshape(m * gt * g * g, c * t * p * p), grid_thw
 
+    def dummy_input(self) -> Tensor:
+        """One all-zero image ``[1, 3, image_size, image_size]``."""
+        return self._zeros(1, 3, self.image_size, self.image_size)
+
     def forward(self, x: Tensor) -> Tensor:
         """Encode images ``[M, 3 | 1, h, w]`` or videos / volumes ``[M, F, 3 | 1, h, w]`` in [0, 1].
 
@@ -549,16 +552,12 @@ class QwenVLPolicy(Policy):
         self._apply_freeze()
         self.train(self.training)
 
-    def _projected_items(self, batch: PromptBatch) -> dict[str, Tensor]:
+    def _encoder_paths(self) -> list[tuple[str, str, str]]:
         """As :class:`~qoq.models.Policy`, with videos / volumes through the vision tower and merger too."""
-        videos = batch.modalities.get("video")
-        if videos is None or "video" in self.encoders:
-            return super()._projected_items(batch)
-        rest = replace(batch, modalities={k: v for k, v in batch.modalities.items() if k != "video"})
-        out = super()._projected_items(rest)
-        if len(videos.values):
-            out["video"] = self.projector("image", self.encoders["image"](videos.values))
-        return out
+        paths = super()._encoder_paths()
+        if "video" not in self.encoders:
+            paths.append(("video", "image", "image"))
+        return paths
 
     def chat_texts(self, texts: Sequence[str]) -> list[str]:
         """Chat-format messages; ``<image>`` / ``<video>`` wrapped in Qwen's vision markers when the

@@ -301,7 +301,8 @@ def policy_loss(
     if ratio_level == "token":
         log_ratio = (logp - old_logp.detach()).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
     elif ratio_level == "sequence":
-        log_seq = sequence_log_ratio(logp.detach(), old_logp.detach(), mask).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+        log_seq = sequence_log_ratio(logp.detach(), old_logp.detach(), mask)
+        log_seq = log_seq.clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)  # [N]
         log_ratio = log_seq[:, None] + logp - logp.detach()  # value log s_i, gradient of logp_t
     else:
         raise ValueError(f"ratio_level must be 'token' or 'sequence', got {ratio_level!r}")

@@ -293,7 +293,8 @@ def box_coverage(boxes: Sequence[Box] | Tensor, image_size: tuple[int, int]) -> 
     """
     h, w = image_size
     b = _box_tensor(boxes)
-    clipped = torch.stack([b[:, 0].clamp(0, w), b[:, 1].clamp(0, h), b[:, 2].clamp(0, w), b[:, 3].clamp(0, h)], -1)
+    limits = b.new_tensor([w, h, w, h])
+    clipped = torch.minimum(b.clamp(min=0), limits)  # [P, 4] inside the image
     return _area(clipped) / float(h * w)
 
 
@@ -338,7 +339,8 @@ def iou_reward(
         else:
             gt_cover = float(box_coverage(gt_boxes, size).max())
         if gt_cover < guard.max_coverage:
-            per_box = torch.where(box_coverage(pred, size) > guard.max_coverage, torch.zeros_like(per_box), per_box)
+            too_big = box_coverage(pred, size) > guard.max_coverage  # [P]
+            per_box = torch.where(too_big, torch.zeros_like(per_box), per_box)
     return float(per_box.max() if reduce == "max" else per_box.mean())
 
 
