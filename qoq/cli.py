@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from pathlib import Path
 
 _ENV_DEFAULTS = {
     # vLLM on CPU: a 1 GiB KV cache and an in-process engine (ENVIRONMENT.md); harmless elsewhere.
@@ -43,12 +44,25 @@ def _set_env_defaults() -> None:
         os.environ.setdefault(key, value)
 
 
-def _cli_class():
+def _cli_class(argv: list[str]):
     from jsonargparse import Namespace
-    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from qoq import runs
+
+    class RunConfig(SaveConfigCallback):
+        """Saves the parsed config as ``<root>/config.yaml``, whatever the logger."""
+
+        def save_config(self, trainer, pl_module, stage) -> None:  # noqa: D102 - SaveConfigCallback hook
+            root = Path(trainer.default_root_dir)
+            root.mkdir(parents=True, exist_ok=True)
+            self.parser.save(self.config, root / self.config_filename, skip_none=False, overwrite=True,
+                             multifile=self.multifile)
 
     class QoQCLI(LightningCLI):
-        """LightningCLI whose runs each live in one folder, ``trainer.default_root_dir``.
+        """LightningCLI whose runs each live in one folder, ``trainer.default_root_dir`` (see :mod:`qoq.runs`).
 
         Unless a logger is configured, metrics go to ``<root>/metrics.csv`` (:class:`qoq.loggers.RunLogger`;
         a run given ``--ckpt_path`` appends to it), checkpoints to
@@ -58,6 +72,11 @@ def _cli_class():
         def before_instantiate_classes(self) -> None:  # noqa: D102 - LightningCLI hook
             cfg = self.config[self.subcommand] if self.subcommand else self.config
             trainer = cfg.trainer
+            root = runs.overlay_root(trainer.default_root_dir, runs.config_files(cfg), argv)
+            if root is not None and root != trainer.default_root_dir:
+                rank_zero_info(f"[qoq] run folder: {root} (the overlays' own; --trainer.default_root_dir sets it)")
+            trainer.default_root_dir = root
+            runs.place_logger_files(trainer.logger, trainer.default_root_dir or ".")
             if trainer.logger in (None, True):
                 trainer.logger = Namespace(
                     class_path="qoq.loggers.RunLogger",
@@ -66,10 +85,18 @@ def _cli_class():
                         name="",
                         version="",
                         keep_existing=bool(cfg.get("ckpt_path")),
+                        flush_logs_every_n_steps=trainer.log_every_n_steps or 50,  # metrics.csv as the run goes
                     ),
                 )
 
-    return QoQCLI
+        def instantiate_classes(self) -> None:  # noqa: D102 - LightningCLI step
+            super().instantiate_classes()
+            root = Path(self.trainer.default_root_dir)
+            for callback in self.trainer.checkpoint_callbacks:  # not under the logger's folder
+                if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+                    callback.dirpath = os.path.realpath(root / "checkpoints")
+
+    return QoQCLI, RunConfig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,12 +126,14 @@ def run(argv: list[str]):
     # must carry them too.
     saved_argv, sys.argv = sys.argv, [sys.argv[0], *argv]
     try:
-        return _cli_class()(
+        cli, save_config = _cli_class(argv)
+        return cli(
             LightningModule,
             LightningDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
-            save_config_kwargs={"overwrite": True},
+            save_config_callback=save_config,
+            save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
             auto_configure_optimizers=False,
             args=argv,
         )

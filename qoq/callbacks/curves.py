@@ -10,6 +10,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
 from qoq.callbacks.traces import run_dir
+from qoq.loggers import publish
 
 
 class RewardCurve(L.Callback):
@@ -20,7 +21,7 @@ class RewardCurve(L.Callback):
     Args:
         keys: logged metrics to record (the first is the one summarised).
         window: fraction of the run averaged for the "start" and "end" figures.
-        out_dir: where ``reward_curve.csv`` / ``reward_curve.png`` go; default: the trainer's log dir.
+        out_dir: where ``reward_curve.csv`` / ``reward_curve.png`` go; default: the run folder (``trainer.default_root_dir``).
     """
 
     def __init__(
@@ -67,6 +68,7 @@ class RewardCurve(L.Callback):
             for i, step in enumerate(self.steps):
                 writer.writerow([step, *(self.values[k][i] for k in self.keys)])
         self._plot(out / "reward_curve.png")
+        publish(trainer, out / "reward_curve.png", "reward_curve")
 
     def _plot(self, path: Path) -> None:
         import matplotlib

@@ -26,6 +26,7 @@ from qoq.callbacks.metrics import (
 )
 from qoq.callbacks.report import write_report
 from qoq.callbacks.traces import run_dir
+from qoq.loggers import publish
 
 
 class ClinicalMetricsCallback(L.Callback):
@@ -45,7 +46,7 @@ class ClinicalMetricsCallback(L.Callback):
         label_space: domain -> dataset -> closed label set; None infers it from the records.
         report: write report folders at all.
         report_every_validation: also write one after every validation during ``fit``.
-        report_dir: parent folder of the reports; default ``<log_dir>/reports``. Each report goes to
+        report_dir: parent folder of the reports; default ``<run folder>/reports``. Each report goes to
             ``<report_dir>/<split>-step<global_step>`` (``-<name>`` added for a set of the data module's
             own, e.g. ``test_manifests``).
         generation: how evaluation responses are generated, for the report; None describes the
@@ -182,6 +183,8 @@ class ClinicalMetricsCallback(L.Callback):
                     checkpoint=trainer.ckpt_path,
                     run_info=_run_info(trainer, pl_module, self._step(trainer)),
                 )
+                for name in ("domains.png", "summary.md"):
+                    publish(trainer, self.last_report / name, f"{split}/{name.split('.')[0]}")
         self._metric[split] = None
         self._kept[split] = []
 

@@ -105,7 +105,7 @@ class PolicyOptimization(L.LightningModule):
         domain_key: what DRPO treats as a domain: "domain" (the clinical domain, paper) or "dataset"
             ("domain/dataset", the released code).
         trace_every: keep a rollout trace every this many steps (written by ``RolloutTraceWriter``); 0 = never.
-        engine_dir: where the rollout engine keeps its copy of the LM; default: ``<log_dir>/engine``.
+        engine_dir: where the rollout engine keeps its copy of the LM; default: ``<run folder>/engine``.
         dynamic_sampling: DAPO-style dynamic sampling (drop groups whose rewards are all equal, refill
             with prompts drawn from the data module's ``extra_batch``, up to a cap of generation batches;
             single process only); None (default) trains on every group of the batch.
@@ -213,7 +213,7 @@ class PolicyOptimization(L.LightningModule):
     def _ensure_engine(self) -> None:
         if self._engine_ready:
             return
-        workdir = Path(self.engine_dir or Path(self.trainer.log_dir or self.trainer.default_root_dir) / "engine")
+        workdir = Path(self.engine_dir or Path(self.trainer.default_root_dir) / "engine")
         if self.trainer.world_size > 1:  # one engine per rank, each with its own copy of the LM
             workdir = workdir / f"rank{self.trainer.global_rank}"
         with strategies.full_parameters(self.trainer.model):  # sharded weights: gathered for the engine
