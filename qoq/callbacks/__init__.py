@@ -3,6 +3,8 @@ per-domain statistics feedback from the RL system to the data module."""
 
 from qoq.callbacks.evaluation import ClinicalMetricsCallback
 from qoq.callbacks.feedback import DomainStatsFeedback
+from qoq.callbacks.predictions import PredictionWriter
+from qoq.callbacks.progress import RunProgress
 from qoq.callbacks.metrics import (
     ClinicalMetrics,
     EvalRecord,
@@ -17,7 +19,9 @@ __all__ = [
     "ClinicalMetricsCallback",
     "DomainStatsFeedback",
     "EvalRecord",
+    "PredictionWriter",
     "RolloutTraceWriter",
+    "RunProgress",
     "label_space_from_records",
     "merge_label_spaces",
     "record_to_json",

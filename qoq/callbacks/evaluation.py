@@ -15,6 +15,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
 
 import qoq
 from qoq.callbacks.metrics import (
@@ -24,7 +25,7 @@ from qoq.callbacks.metrics import (
     label_space_from_records,
     merge_label_spaces,
 )
-from qoq.callbacks.report import write_report
+from qoq.callbacks.report import console_tables, write_report
 from qoq.callbacks.traces import run_dir
 from qoq.loggers import publish
 
@@ -137,6 +138,9 @@ class ClinicalMetricsCallback(L.Callback):
             fn in (TrainerFn.VALIDATING, TrainerFn.TESTING)
             or (fn == TrainerFn.FITTING and self.report_every_validation)
         )
+        if self._reporting[split] and fn in (TrainerFn.VALIDATING, TrainerFn.TESTING):
+            # the report's tables are printed instead of Lightning's table of every raw metric
+            (trainer.test_loop if fn == TrainerFn.TESTING else trainer.validate_loop).verbose = False
 
     def _count(self, split: str, outputs: Any, pl_module: L.LightningModule) -> None:
         if not isinstance(outputs, Mapping) or "eval_records" not in outputs:
@@ -183,6 +187,7 @@ class ClinicalMetricsCallback(L.Callback):
                     checkpoint=trainer.ckpt_path,
                     run_info=_run_info(trainer, pl_module, self._step(trainer)),
                 )
+                rank_zero_info(f"{console_tables(self.last_report / 'summary.md')}\n[qoq] report: {self.last_report}")
                 for name in ("domains.png", "summary.md"):
                     publish(trainer, self.last_report / name, f"{split}/{name.split('.')[0]}")
         self._metric[split] = None

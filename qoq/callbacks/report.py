@@ -102,6 +102,29 @@ def write_report(
     return out
 
 
+def console_tables(summary: str | Path) -> str:
+    """The overall and per-domain tables of a ``summary.md`` (real samples), for the console.
+
+    Args:
+        summary: the ``summary.md`` file.
+
+    Returns:
+        Its ``## Overall (real samples)`` and ``## Per domain (real samples)`` sections (or the note that
+        nothing was scored), as written there (3 decimals).
+    """
+    keep, out = False, []
+    for line in Path(summary).read_text(encoding="utf-8").splitlines():
+        if line.startswith("## "):
+            keep = line in ("## Overall (real samples)", "## Per domain (real samples)")
+            if keep and out:
+                out.append("")
+        elif line.startswith("No real or synthetic samples"):
+            out.append(line)
+        if keep and line.strip():
+            out.append(line)
+    return "\n".join(out)
+
+
 # ---------------------------------------------------------------------------------------- tables
 class _Table:
     """The metric names of one split, parsed: score -> level -> value."""
@@ -264,4 +287,4 @@ def _plot_label_f1(scores: dict[str, dict[str, float]], title: str, path: Path) 
     fig.savefig(path, dpi=100)
 
 
-__all__ = ["SCORE_TITLES", "write_report"]
+__all__ = ["SCORE_TITLES", "console_tables", "write_report"]
