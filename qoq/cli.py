@@ -1,4 +1,4 @@
-"""The ``qoq`` command: LightningCLI runs (fit | validate | test | predict) plus data tools.
+"""The ``qoq`` command: LightningCLI runs (fit | validate | test | predict) plus data, export and compare.
 
 Examples:
     qoq fit --config configs/demo.yaml                                 # DRPO on the embedded demo set
@@ -6,6 +6,7 @@ Examples:
     qoq test --config configs/demo.yaml --ckpt_path runs/demo/checkpoints/last.ckpt
     qoq fit --model qoq.models.ECGEncoder --data qoq.data.ECGDataModule ...   # a component's own stage
     qoq data demo --out ~/.cache/qoq/demo                              # build the demo set only
+    qoq compare runs/demo runs/demo-grpo                               # runs side by side
     qoq fit --help | --print_config
 """
 
@@ -99,10 +100,56 @@ def _cli_class(argv: list[str]):
     return QoQCLI, RunConfig
 
 
+#: Every subcommand and what it does (``qoq --help``).
+COMMANDS: dict[str, str] = {
+    "fit": "train: RL (DRPO, GRPO, ...), the SFT warm start, or one component's own stage",
+    "validate": "score a model on the validation set",
+    "test": "evaluate a checkpoint; writes reports/test-step<N>/ (summary.md, plots, traces)",
+    "predict": "answer new cases (unlabelled manifest, or one file + question) -> predictions/*.jsonl",
+    "data": "the embedded demo set, dataset importers, manifest statistics",
+    "export": "a checkpoint -> a Hugging Face model + encoders + model card, reloadable as a Policy",
+    "compare": "two or more runs side by side: summaries, reward and per-domain curves",
+}
+
+_USAGE = """usage: qoq COMMAND [options]        (qoq COMMAND --help for a command's options)
+
+commands:
+{commands}
+
+examples:
+  qoq fit --config configs/demo.yaml                         DRPO on the embedded demo set
+  qoq fit --config configs/demo.yaml --config configs/algorithm/grpo.yaml    the GRPO ablation (runs/demo-grpo)
+  qoq test --config configs/demo.yaml --ckpt_path runs/demo/checkpoints/last.ckpt
+  qoq predict --config configs/demo.yaml --ckpt_path runs/demo/checkpoints/last.ckpt \\
+      --data.predict.file scan.dcm --data.predict.question "Which view is this?"
+
+the options of one class, with their docstrings (shorter than `qoq fit --help`):
+  qoq fit --model.help qoq.systems.PolicyOptimization      also qoq.models.Policy, qoq.rl.advantages.DRPO, ...
+  qoq fit --data.help qoq.data.MultiDomainDataModule
+  qoq fit --config configs/demo.yaml --print_config        the fully resolved config
+"""
+
+
+def usage() -> str:
+    """The text of ``qoq --help``: every subcommand, examples, where the per-class help is."""
+    width = max(map(len, COMMANDS))
+    return _USAGE.format(commands="\n".join(f"  {name:<{width}}  {what}" for name, what in COMMANDS.items()))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``qoq`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     _set_env_defaults()
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        import difflib
+
+        close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        print(f"qoq: unknown command {argv[0]!r}{hint}; choose from: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
     if argv and argv[0] == "data":
         from qoq.data.command import main as data_main
 
@@ -111,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         from qoq.export import main as export_main
 
         return export_main(argv[1:])
+    if argv[0] == "compare":
+        from qoq.compare import main as compare_main
+
+        return compare_main(argv[1:])
     run(argv)
     return 0
 

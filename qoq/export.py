@@ -63,7 +63,9 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
 
 def main(argv: list[str]) -> int:
     """``qoq export --ckpt_path CKPT --out DIR``."""
-    parser = argparse.ArgumentParser(prog="qoq export", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="qoq export", description="Turn a training checkpoint into files other tools load."
+    )
     parser.add_argument("--ckpt_path", required=True, help="checkpoint written by `qoq fit`")
     parser.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args(argv)
