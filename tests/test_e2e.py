@@ -74,6 +74,15 @@ def test_export_from_checkpoint(drpo_run: Path, tmp_path: Path) -> None:
     assert model.num_parameters() > 0
     assert (out / "multimodal.safetensors").is_file()
 
+    from qoq.export import policy_from_checkpoint
+    from qoq.models import Policy
+    from tests.test_export import demo_batch, greedy
+
+    trained, _, _ = policy_from_checkpoint(drpo_run / "checkpoints/last.ckpt")
+    batch = demo_batch()
+    assert greedy(Policy.from_export(out), batch) == greedy(trained, batch)  # the checkpoint's greedy answers
+    assert "RL with `qoq.rl.advantages.DRPO` advantages" in (out / "README.md").read_text()
+
 
 def _demo_rows(n_per_domain: int = 1) -> list[dict]:
     """Lines of the demo manifest (built by the fit), with absolute paths, ``n_per_domain`` per domain."""
