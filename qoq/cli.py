@@ -37,6 +37,10 @@ _BENIGN_WARNINGS = (
     r".*litlogger.*",
     # evaluation metrics are synced by torchmetrics before they are logged
     r".*It is recommended to use `self.log\('(val|test)/.*sync_dist=True.*",
+    # qoq's run() gives LightningCLI its args and mirrors them in sys.argv for ranks that Lightning spawns
+    r".*LightningCLI's args parameter is intended to run from within Python.*",
+    # the run logger says itself when it replaces an earlier run's metrics.csv (and keeps it on resume)
+    r".*Experiment logs directory .* exists and is not empty.*",
 )
 
 
@@ -111,7 +115,7 @@ COMMANDS: dict[str, str] = {
     "compare": "two or more runs side by side: summaries, reward and per-domain curves",
 }
 
-_USAGE = """usage: qoq COMMAND [options]        (qoq COMMAND --help for a command's options)
+_USAGE = """usage: qoq [-v] COMMAND [options]   (qoq COMMAND --help for a command's options; -v: every library's detail)
 
 commands:
 {commands}
@@ -137,8 +141,14 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``qoq`` console script."""
+    """Entry point of the ``qoq`` console script (``qoq -v COMMAND ...`` prints every library's detail)."""
+    from qoq import console
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-v", "--verbose"):
+        argv = argv[1:]
+        os.environ[console.VERBOSE_ENV] = "1"
+    console.quiet_libraries()
     _set_env_defaults()
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
@@ -168,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(argv: list[str]):
     """Run a LightningCLI command in-process (used by ``main`` and by the end-to-end tests)."""
+    from qoq import console
+
+    console.quiet_libraries()
     _set_env_defaults()
     from lightning import LightningDataModule, LightningModule
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 
 class RunLogger(CSVLogger):
@@ -42,9 +42,11 @@ class RunLogger(CSVLogger):
 
     @property
     def experiment(self):  # noqa: D102 - CSVLogger's writer
+        path = Path(self.log_dir) / "metrics.csv"
+        if self._experiment is None and not self.keep_existing and rank_zero_only.rank == 0 and path.is_file():
+            rank_zero_info(f"[qoq] {path} of an earlier run is replaced (--ckpt_path continues a run's file)")
         if self._experiment is not None or not self.keep_existing or rank_zero_only.rank != 0:
             return super().experiment
-        path = Path(self.log_dir) / "metrics.csv"
         if not path.is_file():
             return super().experiment
         kept = path.with_name("metrics.csv.kept")

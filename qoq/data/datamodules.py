@@ -49,6 +49,7 @@ import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from qoq.console import verbose
 from qoq.data.adaptive import AdaptiveSampling, AdaptiveSchedule
 from qoq.data.dataset import ClinicalDataset, collate
 from qoq.data.domains import DOMAINS, check_domain
@@ -325,7 +326,7 @@ class ClinicalDataModule(L.LightningDataModule):
         from qoq.data.demo import build_demo
 
         demo_dir = Path(self.demo_dir).expanduser() if self.demo_dir else default_demo_dir()
-        return str(build_demo(demo_dir, real_only=self.real_only, quiet=quiet))
+        return str(build_demo(demo_dir, real_only=self.real_only, quiet=quiet, brief_if_reused=not verbose()))
 
     def prepare_data(self) -> None:
         """Build the demo set (once per machine, before :meth:`setup`) and print its summary."""
