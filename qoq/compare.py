@@ -17,6 +17,8 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from qoq.callbacks.curves import moving_average
+
 #: The overall scores a comparison shows: metric name -> column title.
 OVERALL: dict[str, str] = {
     "macro_f1": "macro-F1",
@@ -110,7 +112,7 @@ def plot(runs: list[RunSummary], path: Path) -> None:
     ax_reward, ax_domain, ax_f1 = fig.subplots(3, 1)
     for r in runs:
         if r.reward:
-            line, = ax_reward.plot(r.steps, _smooth(r.reward), label=r.name)
+            line, = ax_reward.plot(r.steps, moving_average(r.reward), label=r.name)
             ax_reward.plot(r.steps, r.reward, color=line.get_color(), alpha=0.2, linewidth=0.8)
     ax_reward.set(title="training reward (moving average of 10; raw faint)", xlabel="optimizer step", ylabel="reward")
     styles = ["-", "--", ":", "-."]
@@ -118,7 +120,7 @@ def plot(runs: list[RunSummary], path: Path) -> None:
         for j, domain in enumerate(domains):
             points = sorted(r.domain_reward.get(domain, {}).items())
             if points:
-                ax_domain.plot([s for s, _ in points], _smooth([v for _, v in points]), linestyle=styles[i % 4],
+                ax_domain.plot([s for s, _ in points], moving_average([v for _, v in points]), linestyle=styles[i % 4],
                                color=f"C{j % 10}", label=f"{domain} ({r.name})" if len(runs) > 1 else domain)
     ax_domain.set(title="training reward per domain (moving average; line style = run)", xlabel="optimizer step",
                   ylabel="reward")
@@ -185,14 +187,6 @@ def _float(raw: str | None) -> float | None:
 
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
-
-
-def _smooth(ys: list[float], width: int = 10) -> list[float]:
-    out = []
-    for i in range(len(ys)):
-        window = ys[max(0, i - width + 1) : i + 1]
-        out.append(sum(window) / len(window))
-    return out
 
 
 __all__ = ["RunSummary", "compare", "main", "read_run", "table"]
