@@ -186,6 +186,11 @@ def run(argv: list[str]):
 
     for message in _BENIGN_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
+    if any(a in ("-h", "--help") or a.endswith(".help") for a in argv):
+        # `--help` lists the known subclasses of LightningModule / LightningDataModule: import qoq's
+        import qoq.data.datamodules
+        import qoq.models
+        import qoq.systems  # noqa: F401
     # The arguments are `argv`, not the process's; ranks that Lightning spawns re-run sys.argv, so it
     # must carry them too.
     saved_argv, sys.argv = sys.argv, [sys.argv[0], *argv]
