@@ -128,7 +128,7 @@ examples:
       --data.predict.file scan.dcm --data.predict.question "Which view is this?"
 
 the options of one class, with their docstrings (shorter than `qoq fit --help`):
-  qoq fit --model.help qoq.systems.PolicyOptimization      also qoq.models.Policy, qoq.rl.advantages.DRPO, ...
+  qoq fit --model.help qoq.systems.PolicyOptimization      also qoq.models.Policy, qoq.models.ECGEncoder, ...
   qoq fit --data.help qoq.data.MultiDomainDataModule
   qoq fit --config configs/demo.yaml --print_config        the fully resolved config
 """
