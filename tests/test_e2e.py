@@ -74,6 +74,81 @@ def test_export_from_checkpoint(drpo_run: Path, tmp_path: Path) -> None:
     assert model.num_parameters() > 0
     assert (out / "multimodal.safetensors").is_file()
 
+    from qoq.export import policy_from_checkpoint
+    from qoq.models import Policy
+    from tests.test_export import demo_batch, greedy
+
+    trained, _, _ = policy_from_checkpoint(drpo_run / "checkpoints/last.ckpt")
+    batch = demo_batch()
+    assert greedy(Policy.from_export(out), batch) == greedy(trained, batch)  # the checkpoint's greedy answers
+    assert "RL with `qoq.rl.advantages.DRPO` advantages" in (out / "README.md").read_text()
+
+
+def _demo_rows(n_per_domain: int = 1) -> list[dict]:
+    """Lines of the demo manifest (built by the fit), with absolute paths, ``n_per_domain`` per domain."""
+    from qoq.data.datamodules import default_demo_dir
+
+    manifest = default_demo_dir() / "manifest.jsonl"
+    rows, seen = [], {}
+    for line in manifest.read_text().splitlines():
+        row = json.loads(line)
+        if seen.setdefault(row["domain"], 0) >= n_per_domain:
+            continue
+        seen[row["domain"]] += 1
+        for key in ("images", "videos", "time_series"):
+            row[key] = [str(manifest.parent / p) for p in row[key]]
+        if row.get("segmentation_path"):
+            row["segmentation_path"] = str(manifest.parent / row["segmentation_path"])
+        rows.append(row)
+    return rows
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.vllm
+def test_predict_on_unlabelled_manifest_and_one_file(drpo_run: Path, tmp_path: Path) -> None:
+    """`qoq predict` needs no gold field: JSONL of reasoning, boxes and answer per prompt."""
+    rows = _demo_rows()
+    unlabelled = [{k: r[k] for k in ("problem", "images", "videos", "time_series")} for r in rows]
+    manifest = _write_jsonl(tmp_path / "new_cases.jsonl", unlabelled)
+    common = ["predict", "--config", str(ROOT / "configs/demo.yaml"), "--config", str(SMOKE),
+              "--trainer.default_root_dir", str(drpo_run), "--ckpt_path", str(drpo_run / "checkpoints/last.ckpt")]
+    run([*common, "--data.predict.manifests", f"[{manifest}]"])
+    out = [json.loads(line) for line in open(drpo_run / "predictions" / "new_cases.jsonl")]
+    assert [o["id"] for o in out] == [f"new_cases-{i}" for i in range(1, len(rows) + 1)]
+    assert all({"reasoning", "boxes", "answer", "response"} <= o.keys() and "gold" not in o for o in out)
+
+    image = next(r["images"][0] for r in rows if r["images"])
+    target = tmp_path / "one.jsonl"
+    run([*common, "--data.predict.file", image, "--data.predict.question", "Which view?",
+         "--data.predict.out", str(target)])
+    (one,) = [json.loads(line) for line in open(target)]
+    assert one["id"] == Path(image).name and one["question"].startswith("<image>\nWhich view?")
+
+    from qoq.data.errors import DataError
+
+    with pytest.raises(DataError, match="missing.png: file not found"):
+        run([*common, "--data.predict.file", str(tmp_path / "missing.png"), "--data.predict.question", "Which?"])
+
+
+@pytest.mark.vllm
+def test_test_on_own_manifest_writes_its_report(drpo_run: Path, tmp_path: Path) -> None:
+    """`qoq test --data.test_manifests [...]`: the usual report, for that set, named after it."""
+    rows = _demo_rows(n_per_domain=2)
+    manifest = _write_jsonl(tmp_path / "my_test.jsonl", rows)
+    ckpt = drpo_run / "checkpoints" / "last.ckpt"
+    run(["test", "--config", str(ROOT / "configs/demo.yaml"), "--config", str(SMOKE),
+         "--trainer.default_root_dir", str(drpo_run), "--ckpt_path", str(ckpt),
+         "--trainer.limit_test_batches", "null", "--data.test_manifests", f"[{manifest}]"])
+    step = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
+    report = drpo_run / "reports" / f"test-step{step}-my_test"
+    traces = [json.loads(line) for line in open(report / "traces.jsonl")]
+    assert sorted(t["prompt_id"] for t in traces) == sorted(r["id"] for r in rows)
+    assert f"global_step: {step}" in (report / "summary.md").read_text()
+
 
 def test_grpo_swap_runs(tmp_path: Path) -> None:
     """The ablation: the same run with GRPO (HF engine here to keep the default suite short)."""

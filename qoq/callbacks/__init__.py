@@ -4,6 +4,8 @@ per-domain statistics feedback from the RL system to the data module."""
 from qoq.callbacks.checkpoint import RunCheckpoint
 from qoq.callbacks.evaluation import ClinicalMetricsCallback
 from qoq.callbacks.feedback import DomainStatsFeedback
+from qoq.callbacks.predictions import PredictionWriter
+from qoq.callbacks.progress import RunProgress
 from qoq.callbacks.metrics import (
     ClinicalMetrics,
     EvalRecord,
@@ -18,8 +20,10 @@ __all__ = [
     "ClinicalMetricsCallback",
     "DomainStatsFeedback",
     "EvalRecord",
+    "PredictionWriter",
     "RolloutTraceWriter",
     "RunCheckpoint",
+    "RunProgress",
     "label_space_from_records",
     "merge_label_spaces",
     "record_to_json",

@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from matplotlib.figure import Figure
 from lightning.pytorch.utilities import rank_zero_info
 
 from qoq.callbacks.traces import run_dir
+from qoq.loggers import publish
 
 
 class RewardCurve(L.Callback):
@@ -20,7 +22,7 @@ class RewardCurve(L.Callback):
     Args:
         keys: logged metrics to record (the first is the one summarised).
         window: fraction of the run averaged for the "start" and "end" figures.
-        out_dir: where ``reward_curve.csv`` / ``reward_curve.png`` go; default: the trainer's log dir.
+        out_dir: where ``reward_curve.csv`` / ``reward_curve.png`` go; default: the run folder (``trainer.default_root_dir``).
     """
 
     def __init__(
@@ -66,26 +68,27 @@ class RewardCurve(L.Callback):
             writer.writerow(["step", *self.keys])
             for i, step in enumerate(self.steps):
                 writer.writerow([step, *(self.values[k][i] for k in self.keys)])
-        self._plot(out / "reward_curve.png")
+        self._plot(out / "reward_curve.png", run_dir(trainer).name)
+        publish(trainer, out / "reward_curve.png", "reward_curve")
 
-    def _plot(self, path: Path) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for k in self.keys:
+    def _plot(self, path: Path, run: str = "") -> None:
+        """Each curve raw (faint) and as a moving average, titled with the run and its start -> end."""
+        fig = Figure(figsize=(7, 4), layout="constrained")
+        ax = fig.subplots()
+        for i, k in enumerate(self.keys):
             ys = self.values[k]
             if any(y == y for y in ys):  # not all NaN
-                ax.plot(self.steps, _smooth(ys), label=k.removeprefix("train/"))
+                color = f"C{i}"
+                ax.plot(self.steps, ys, color=color, alpha=0.25, linewidth=0.8)
+                ax.plot(self.steps, moving_average(ys), color=color, label=f"{k.removeprefix('train/')} (moving avg. of 10)")
+        s = self.summary()
+        ax.set_title(f"{run or 'run'}: {self.keys[0]} {s['start']:.3f} -> {s['end']:.3f} "
+                     f"(first / last {self.window:.0%} of {int(s['steps'])} steps)", fontsize=9)
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel("reward (moving average)")
-        ax.legend(loc="lower right", fontsize=8)
+        ax.set_ylabel("reward (faint: per step)")
+        ax.legend(loc="best", fontsize=8)
         ax.grid(alpha=0.3)
-        fig.tight_layout()
         fig.savefig(path, dpi=120)
-        plt.close(fig)
 
     def state_dict(self) -> dict[str, Any]:
         return {"steps": list(self.steps), "values": {k: list(v) for k, v in self.values.items()}}
@@ -96,7 +99,8 @@ class RewardCurve(L.Callback):
             self.values[k] = list(v)
 
 
-def _smooth(ys: list[float], width: int = 10) -> list[float]:
+def moving_average(ys: list[float], width: int = 10) -> list[float]:
+    """Mean of the last ``width`` finite values at each point (NaN where there is none yet)."""
     out, acc = [], []
     for y in ys:
         acc.append(y)

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
 
 import qoq
 from qoq.callbacks.metrics import (
@@ -24,8 +25,9 @@ from qoq.callbacks.metrics import (
     label_space_from_records,
     merge_label_spaces,
 )
-from qoq.callbacks.report import write_report
+from qoq.callbacks.report import console_tables, write_report
 from qoq.callbacks.traces import run_dir
+from qoq.loggers import publish
 
 
 class ClinicalMetricsCallback(L.Callback):
@@ -45,8 +47,9 @@ class ClinicalMetricsCallback(L.Callback):
         label_space: domain -> dataset -> closed label set; None infers it from the records.
         report: write report folders at all.
         report_every_validation: also write one after every validation during ``fit``.
-        report_dir: parent folder of the reports; default ``<log_dir>/reports``. Each report goes to
-            ``<report_dir>/<split>-step<global_step>``.
+        report_dir: parent folder of the reports; default ``<run folder>/reports``. Each report goes to
+            ``<report_dir>/<split>-step<global_step>`` (``-<name>`` added for a set of the data module's
+            own, e.g. ``test_manifests``).
         generation: how evaluation responses are generated, for the report; None describes the
             module's ``eval_sampling`` (a :class:`qoq.types.SamplingParams`) if it has one.
         undefined_labels: see :class:`ClinicalMetrics` ("zero" or "skip").
@@ -135,6 +138,9 @@ class ClinicalMetricsCallback(L.Callback):
             fn in (TrainerFn.VALIDATING, TrainerFn.TESTING)
             or (fn == TrainerFn.FITTING and self.report_every_validation)
         )
+        if self._reporting[split] and fn in (TrainerFn.VALIDATING, TrainerFn.TESTING):
+            # the report's tables are printed instead of Lightning's table of every raw metric
+            (trainer.test_loop if fn == TrainerFn.TESTING else trainer.validate_loop).verbose = False
 
     def _count(self, split: str, outputs: Any, pl_module: L.LightningModule) -> None:
         if not isinstance(outputs, Mapping) or "eval_records" not in outputs:
@@ -179,8 +185,11 @@ class ClinicalMetricsCallback(L.Callback):
                     split=split,
                     generation=self.generation or _describe_generation(pl_module),
                     checkpoint=trainer.ckpt_path,
-                    run_info=_run_info(trainer, pl_module),
+                    run_info=_run_info(trainer, pl_module, self._step(trainer)),
                 )
+                rank_zero_info(f"{console_tables(self.last_report / 'summary.md')}\n[qoq] report: {self.last_report}")
+                for name in ("domains.png", "summary.md"):
+                    publish(trainer, self.last_report / name, f"{split}/{name.split('.')[0]}")
         self._metric[split] = None
         self._kept[split] = []
 
@@ -189,8 +198,12 @@ class ClinicalMetricsCallback(L.Callback):
 
     def _report_path(self, trainer: L.Trainer, split: str) -> Path:
         root = Path(self.report_dir) if self.report_dir else run_dir(trainer) / "reports"
-        step = trainer.global_step or self._checkpoint_step or 0  # outside fit the trainer's step is 0
-        return root / f"{split}-step{step}"
+        own_set = getattr(trainer.datamodule, "eval_set_name", lambda split: None)(split)
+        return root / (f"{split}-step{self._step(trainer)}" + (f"-{own_set}" if own_set else ""))
+
+    def _step(self, trainer: L.Trainer) -> int:
+        """The evaluated weights' optimizer step (outside fit the trainer's own step is 0)."""
+        return trainer.global_step or self._checkpoint_step or 0
 
 
 def _all_gather_objects(obj: Any) -> list[Any]:
@@ -214,11 +227,11 @@ def _describe_generation(pl_module: L.LightningModule) -> str:
     )
 
 
-def _run_info(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+def _run_info(trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> dict[str, Any]:
     return {
         "module": type(pl_module).__name__,
         "stage": trainer.state.fn.value if trainer.state.fn else None,
-        "global_step": trainer.global_step,
+        "global_step": step,
         "epoch": trainer.current_epoch,
         "world_size": trainer.world_size,
         "qoq": qoq.__version__,

@@ -102,6 +102,29 @@ def write_report(
     return out
 
 
+def console_tables(summary: str | Path) -> str:
+    """The overall and per-domain tables of a ``summary.md`` (real samples), for the console.
+
+    Args:
+        summary: the ``summary.md`` file.
+
+    Returns:
+        Its ``## Overall (real samples)`` and ``## Per domain (real samples)`` sections (or the note that
+        nothing was scored), as written there (3 decimals).
+    """
+    keep, out = False, []
+    for line in Path(summary).read_text(encoding="utf-8").splitlines():
+        if line.startswith("## "):
+            keep = line in ("## Overall (real samples)", "## Per domain (real samples)")
+            if keep and out:
+                out.append("")
+        elif line.startswith("No real or synthetic samples"):
+            out.append(line)
+        if keep and line.strip():
+            out.append(line)
+    return "\n".join(out)
+
+
 # ---------------------------------------------------------------------------------------- tables
 class _Table:
     """The metric names of one split, parsed: score -> level -> value."""
@@ -208,14 +231,16 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "unnamed"
 
 
-def _plot_domains(table: _Table, path: Path) -> None:
+def _plot_domains(table: _Table, path: Path, few: int = 10) -> None:
+    """Per-domain macro-F1 and balanced accuracy: each bar labelled with its value ("n/a" when not scored),
+    each domain with its sample count; domains with fewer than ``few`` samples drawn hatched and faint."""
     panels = [
         (s, t)
         for s, t in (("", "real samples"), (WITH_SYNTHETIC, "incl. synthetic samples"))
         if f"macro_f1{s}" in table.overall
     ]
     fig = Figure(
-        figsize=(max(6.0, 1.2 * len(table.domains) + 2), 3.5 * max(1, len(panels))), layout="constrained"
+        figsize=(max(6.0, 1.3 * len(table.domains) + 2.5), 3.8 * max(1, len(panels))), layout="constrained"
     )
     axes = fig.subplots(max(1, len(panels)), 1, squeeze=False)[:, 0]
     if not panels:
@@ -223,15 +248,32 @@ def _plot_domains(table: _Table, path: Path) -> None:
         axes[0].set_axis_off()
     for ax, (suffix, title) in zip(axes, panels, strict=False):
         domains = [d for d in table.domains if table.get(f"macro_f1{suffix}", d) is not None]
+        counts = [_count(table, d, suffix) for d in domains]
         x = range(len(domains))
-        for shift, score in ((-0.2, "macro_f1"), (0.2, "balanced_accuracy")):
-            values = [table.get(score + suffix, d) or 0.0 for d in domains]
-            ax.bar([i + shift for i in x], values, width=0.4, label=SCORE_TITLES[score])
-        ax.set_xticks(list(x), domains, rotation=30, ha="right")
-        ax.set_ylim(0, 1)
-        ax.set_title(f"per domain ({title})")
+        for shift, score, color in ((-0.2, "macro_f1", "C0"), (0.2, "balanced_accuracy", "C1")):
+            values = [table.get(score + suffix, d) for d in domains]
+            bars = ax.bar([i + shift for i in x], [v or 0.0 for v in values], width=0.4, color=color,
+                          label=SCORE_TITLES[score])
+            for bar, value, n in zip(bars, values, counts, strict=True):
+                if n < few:
+                    bar.set_alpha(0.45)
+                    bar.set_hatch("//")
+                ax.text(bar.get_x() + bar.get_width() / 2, (value or 0.0) + 0.015,
+                        "n/a" if value is None else f"{value:.2f}", ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(list(x), [f"{d}\nn={n}" for d, n in zip(domains, counts, strict=True)], fontsize=8)
+        ax.set_ylim(0, 1.1)
+        ax.set_ylabel("score (0 = worst, 1 = best)")
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_title(f"per domain ({title}); hatched: fewer than {few} samples")
+        ax.grid(axis="y", alpha=0.3)
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     fig.savefig(path, dpi=100)
+
+
+def _count(table: _Table, domain: str, suffix: str) -> int:
+    """Samples scored in a domain (real ones; with ``suffix`` also the synthetic ones)."""
+    real = table.get("n_real", domain) or 0
+    return int(real + ((table.get("n_synthetic", domain) or 0) if suffix else 0))
 
 
 def _plot_confusion(labels: list[str], matrix: list[list[int]], title: str, path: Path) -> None:
@@ -264,4 +306,4 @@ def _plot_label_f1(scores: dict[str, dict[str, float]], title: str, path: Path) 
     fig.savefig(path, dpi=100)
 
 
-__all__ = ["SCORE_TITLES", "write_report"]
+__all__ = ["SCORE_TITLES", "console_tables", "write_report"]

@@ -103,14 +103,12 @@ def write_traces(path: str | Path, records: Iterable[EvalRecord]) -> int:
 
 
 def run_dir(trainer: L.Trainer) -> Path:
-    """The run's folder: the logger's log dir, else ``trainer.default_root_dir``.
+    """The run's folder, ``trainer.default_root_dir``, whatever the logger (:mod:`qoq.runs`).
 
     Unlike ``trainer.log_dir``, which broadcasts from rank 0 (a collective), this is safe to call on one
     rank only.
     """
-    logger = trainer.logger
-    folder = (getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)) if logger else None
-    return Path(folder or trainer.default_root_dir)
+    return Path(trainer.default_root_dir)
 
 
 class RolloutTraceWriter(L.Callback):
@@ -126,7 +124,7 @@ class RolloutTraceWriter(L.Callback):
     Args:
         every_n_steps: minimum optimizer steps between two writes.
         max_rows: rows written per step at most; None writes the whole trace.
-        dirpath: output folder; default: the trainer's log dir (or ``default_root_dir``).
+        dirpath: output folder; default: the run folder (``trainer.default_root_dir``).
         filename: output file name.
     """
 
@@ -177,6 +175,15 @@ class RolloutTraceWriter(L.Callback):
         if trainer.is_global_zero:
             rows = trace if self.max_rows is None else trace[: self.max_rows]
             write_jsonl(self.path(trainer), ({"global_step": step, **row} for row in rows), append=True)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Hand the rollout samples to the loggers that take tables or files (:func:`qoq.loggers.publish`)."""
+        path = self.path(trainer)
+        if trainer.is_global_zero and path.is_file():
+            from qoq.loggers import publish
+
+            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()[-200:]]
+            publish(trainer, path, "rollouts", rows=rows)
 
 
 __all__ = ["RolloutTraceWriter", "record_to_json", "run_dir", "to_jsonable", "write_jsonl", "write_traces"]

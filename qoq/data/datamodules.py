@@ -25,7 +25,10 @@ and serves training batches from a seeded mixture stream:
 - **domain ids**: ``domain_vocab`` is always the full :data:`~qoq.data.domains.DOMAINS` tuple, so a
   domain has the same id in every run, manifest and checkpoint (DRPO's statistics are keyed by it).
 
-Validation and test both iterate the held-out split in order. The per-domain modules
+Validation and test both iterate the held-out split in order, unless ``val_manifests`` /
+``test_manifests`` name sets of their own (then ``qoq test`` reads only those: the training records are
+not needed). ``predict`` (:class:`~qoq.data.predict.PredictInput`) names what ``qoq predict`` runs on:
+unlabelled manifests, or one file and a question. The per-domain modules
 (:class:`ChestXrayDataModule`, ...) are the same module with the domain filter fixed.
 """
 
@@ -46,12 +49,14 @@ import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from qoq.console import verbose
 from qoq.data.adaptive import AdaptiveSampling, AdaptiveSchedule
 from qoq.data.dataset import ClinicalDataset, collate
 from qoq.data.domains import DOMAINS, check_domain
 from qoq.data.errors import SkipCounter
 from qoq.data.loaders import ECGSpec
 from qoq.data.manifest import read_manifest
+from qoq.data.predict import UNSPECIFIED, PredictInput
 from qoq.data.records import Record
 from qoq.rl.rewards import RESPONSE_FORMAT
 from qoq.types import PromptBatch
@@ -255,6 +260,12 @@ class ClinicalDataModule(L.LightningDataModule):
         instruction: the response-format instruction appended to every prompt; default the paper's
             prompt contract (:data:`qoq.rl.rewards.RESPONSE_FORMAT`); a short one saves compute for tiny
             policies trained from scratch.
+        val_manifests: manifests validated on instead of the held-out split (the training split still
+            holds out ``val_fraction``; set it to 0 to train on every record).
+        test_manifests: manifests ``qoq test`` evaluates instead of the held-out split; the report folder
+            is named after them (``reports/test-step<N>-<name>``).
+        predict: what ``qoq predict`` runs on: ``{manifests: [...]}`` (unlabelled JSONL) or
+            ``{file: F, question: Q}``; see :class:`~qoq.data.predict.PredictInput`.
     """
 
     def __init__(
@@ -279,9 +290,12 @@ class ClinicalDataModule(L.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         instruction: str | None = RESPONSE_FORMAT,
+        val_manifests: list[str] | None = None,
+        test_manifests: list[str] | None = None,
+        predict: PredictInput | None = None,
     ) -> None:
         super().__init__()
-        if not manifests and not demo:
+        if not (manifests or demo or test_manifests or val_manifests or predict):
             raise ValueError("give manifests, or demo=True for the embedded demo set")
         if sampler == "adaptive" and num_workers > 0:
             raise ValueError(
@@ -300,6 +314,10 @@ class ClinicalDataModule(L.LightningDataModule):
         self.adaptive = adaptive if adaptive is not None else AdaptiveSampling()
         self.steps_per_epoch, self.seed, self.num_workers = steps_per_epoch, seed, num_workers
         self.instruction = instruction
+        self.val_manifests = [str(m) for m in val_manifests or []]
+        self.test_manifests = [str(m) for m in test_manifests or []]
+        self.predict = predict
+        self._predict_records: list[Record] = []
         #: Domain vocabulary of ``PromptBatch.domain_ids``: always all of DOMAINS (stable ids).
         self.domain_vocab: list[str] = list(DOMAINS)
         #: Dataset names present (sorted), filled by :meth:`setup`.
@@ -317,17 +335,30 @@ class ClinicalDataModule(L.LightningDataModule):
         from qoq.data.demo import build_demo
 
         demo_dir = Path(self.demo_dir).expanduser() if self.demo_dir else default_demo_dir()
-        return str(build_demo(demo_dir, real_only=self.real_only, quiet=quiet))
+        return str(build_demo(demo_dir, real_only=self.real_only, quiet=quiet, brief_if_reused=not verbose()))
 
     def prepare_data(self) -> None:
         """Build the demo set (once per machine, before :meth:`setup`) and print its summary."""
-        if self.demo:
+        if self.demo and self._needs_training_records():
             self._demo_manifest(quiet=False)
 
-    def _read_records(self) -> list[Record]:
-        sources = list(self.manifests)
-        if self.demo:  # built by prepare_data, or now when setup is called alone
-            sources.append(self._demo_manifest(quiet=True))
+    def _needs_training_records(self, stage: str | None = None) -> bool:
+        """False when ``stage`` (default: the trainer's) reads only sets of its own (predict inputs,
+        test / val manifests)."""
+        fn = stage or getattr(getattr(self.trainer, "state", None), "fn", None)
+        own = {"predict": True, "test": bool(self.test_manifests), "validate": bool(self.val_manifests)}
+        return not own.get(getattr(fn, "value", fn), False)
+
+    def _read_records(self, manifests: Sequence[str] | None = None) -> list[Record]:
+        """The records of ``manifests`` (default: the training sources, demo set included), filtered."""
+        if manifests is None:
+            sources = list(self.manifests)
+            if self.demo:  # built by prepare_data, or now when setup is called alone
+                sources.append(self._demo_manifest(quiet=True))
+            if not sources:
+                raise ValueError("no training records: give manifests, or demo=True for the embedded demo set")
+        else:
+            sources = list(manifests)
         records: list[Record] = []
         first_seen: dict[str, str] = {}
         for manifest in sources:
@@ -356,8 +387,14 @@ class ClinicalDataModule(L.LightningDataModule):
         return kept
 
     def setup(self, stage: str | None = None) -> None:
-        """Read the records and split off the held-out records (once); print the domain mix."""
-        if self.train_records:
+        """Read the records and split off the held-out records (once); print the domain mix.
+
+        A stage that reads only sets of its own (``predict``; ``test`` with ``test_manifests``;
+        ``validate`` with ``val_manifests``) leaves the training records unread.
+        """
+        if stage == "predict":
+            self._predict_records = self._read_predict_inputs()  # bad inputs fail before any model work
+        if self.train_records or (stage is not None and not self._needs_training_records(stage)):
             return
         records = self._read_records()
         self.train_records, self.val_records = split_records(records, self.val_fraction)
@@ -498,25 +535,51 @@ class ClinicalDataModule(L.LightningDataModule):
         epoch, index = divmod(stream_index, self.steps)
         return collate([dataset[i] for i in sampler.batch(epoch, index, probs, draw=draw)], self.domain_vocab)
 
-    def _held_out(self) -> DataLoader:
-        self.setup()
-        if not self.val_records:
+    def _held_out(self, manifests: Sequence[str] = ()) -> DataLoader:
+        """The records of ``manifests`` if any, else the held-out split, in order."""
+        if manifests:
+            records = self._read_records(manifests)
+        else:
+            self.setup()
+            records = self.val_records
+        if not records:
             raise ValueError("no held-out records: raise val_fraction or add records (a domain needs >= 2)")
+        return self._loader(records, self.domain_vocab)
+
+    def _loader(self, records: list[Record], vocab: Sequence[str]) -> DataLoader:
         return DataLoader(
-            self._dataset(self.val_records),
+            self._dataset(records),
             batch_size=self.val_batch_size,
             shuffle=False,
             num_workers=self.num_workers,
-            collate_fn=partial(collate, domain_vocab=self.domain_vocab),
+            collate_fn=partial(collate, domain_vocab=vocab),
         )
 
     def val_dataloader(self) -> DataLoader:
-        """The held-out split, in order."""
-        return self._held_out()
+        """``val_manifests`` if given, else the held-out split, in order."""
+        return self._held_out(self.val_manifests)
 
     def test_dataloader(self) -> DataLoader:
-        """The held-out split, in order (the same records as validation)."""
-        return self._held_out()
+        """``test_manifests`` if given, else the held-out split (the same records as validation), in order."""
+        return self._held_out(self.test_manifests)
+
+    def _read_predict_inputs(self) -> list[Record]:
+        if self.predict is None:
+            raise ValueError(
+                "qoq predict needs inputs: --data.predict.manifests '[unlabelled.jsonl]' or "
+                "--data.predict.file FILE --data.predict.question '...'"
+            )
+        return self.predict.records()
+
+    def predict_dataloader(self) -> DataLoader:
+        """The ``predict`` inputs, in order (gold fields optional; domain ``unspecified`` when not given)."""
+        records = self._predict_records or self._read_predict_inputs()
+        return self._loader(records, (*self.domain_vocab, UNSPECIFIED))
+
+    def eval_set_name(self, split: str) -> str | None:
+        """The name of ``split``'s own manifests (``val`` / ``test``), or None for the held-out split."""
+        manifests = {"val": self.val_manifests, "test": self.test_manifests}.get(split)
+        return "+".join(Path(m).name.split(".")[0] for m in manifests) if manifests else None
 
     # ------------------------------------------------------------------------------------ resume
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

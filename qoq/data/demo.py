@@ -780,6 +780,7 @@ def build_demo(
     seed: int = 0,
     image_size_hint: int = 256,
     quiet: bool = False,
+    brief_if_reused: bool = False,
 ) -> Path:
     """Build the embedded demo set from installed packages, or reuse a complete earlier build.
 
@@ -793,6 +794,7 @@ def build_demo(
         seed: seed of the random crops and of the synthetic images.
         image_size_hint: longest side of the written images, in pixels (larger images are shrunk).
         quiet: do not print the summary tables.
+        brief_if_reused: print one line instead of the tables when an earlier build is reused.
 
     Returns:
         The manifest path.
@@ -811,7 +813,7 @@ def build_demo(
     cached = _cached_report(stamp, manifest, settings)
     if cached is not None:
         if not quiet:
-            _print_summary(read_manifest(manifest), cached, reused=True)
+            _print_summary(read_manifest(manifest), cached, reused=True, brief=brief_if_reused)
         return manifest
     if stamp.exists() and (out_dir / "files").is_dir():
         shutil.rmtree(out_dir / "files")  # an earlier build of ours with other settings
@@ -861,13 +863,19 @@ def _cached_report(stamp: Path, manifest: Path, settings: dict[str, Any]) -> Dem
     return DemoReport(saved["used"], saved["missing"])
 
 
-def _print_summary(records: list[Record], report: DemoReport, *, reused: bool) -> None:
-    """Print real / synthetic counts per domain and the licence of each source (rich tables)."""
+def _print_summary(records: list[Record], report: DemoReport, *, reused: bool, brief: bool = False) -> None:
+    """Print real / synthetic counts per domain and the licence of each source (rich tables); ``brief``:
+    one line (a reused set, unless ``qoq -v``)."""
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
     counts = Counter((r.domain, r.origin) for r in records)
+    if brief:
+        real = sum(v for (_, o), v in counts.items() if o == "real")
+        print(f"qoq demo set (reused): {real} real + {len(records) - real} synthetic records, labels not clinical "
+              "ground truth (sources, licences: qoq data demo)")
+        return
     table = Table(title="qoq demo set" + (" (reused)" if reused else ""))
     for col in ("domain", "real", "synthetic"):
         table.add_column(col, justify="left" if col == "domain" else "right")

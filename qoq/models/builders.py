@@ -169,6 +169,10 @@ class PretrainedLM(LMBuilder):
         dtype: parameter dtype ("bfloat16", "float16", "float32").
         attn_implementation: HF attention kernel ("sdpa", "eager", "flash_attention_2").
         trust_remote_code: allow the folder's own modelling code (off by default).
+        tokenizer_class: a transformers tokenizer class name to load the tokenizer with, e.g.
+            ``PreTrainedTokenizerFast`` (the folder's ``tokenizer.json`` exactly as saved, which ``qoq export``
+            picks when ``AutoTokenizer`` would rebuild it differently from the model type); None:
+            ``AutoTokenizer``.
     """
 
     def __init__(
@@ -177,12 +181,14 @@ class PretrainedLM(LMBuilder):
         dtype: str = "bfloat16",
         attn_implementation: str = "sdpa",
         trust_remote_code: bool = False,
+        tokenizer_class: str | None = None,
     ) -> None:
         _dtype(dtype)
         self.path = path
         self.dtype = dtype
         self.attn_implementation = attn_implementation
         self.trust_remote_code = trust_remote_code
+        self.tokenizer_class = tokenizer_class
 
     def build(self, quantization_config: Any | None = None) -> BuiltLM:
         """Load the model and tokenizer from ``path``.
@@ -212,9 +218,10 @@ class PretrainedLM(LMBuilder):
             trust_remote_code=self.trust_remote_code,
             local_files_only=True,
         )
-        tokenizer = AutoTokenizer.from_pretrained(
-            folder, local_files_only=True, trust_remote_code=self.trust_remote_code
-        )
+        import transformers
+
+        loader = getattr(transformers, self.tokenizer_class) if self.tokenizer_class else AutoTokenizer
+        tokenizer = loader.from_pretrained(folder, local_files_only=True, trust_remote_code=self.trust_remote_code)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         return model.eval(), tokenizer

@@ -121,6 +121,13 @@ class Policy(L.LightningModule):
         """A complete tiny multimodal policy (see :func:`tiny_policy`) for tests and demos."""
         return tiny_policy(**kwargs)
 
+    @classmethod
+    def from_export(cls, directory: str | Path) -> Policy:
+        """The whole policy of a ``qoq export`` folder, built (see :func:`qoq.export.load_export`)."""
+        from qoq.export import load_export
+
+        return load_export(directory)
+
     # ----- construction ----------------------------------------------------------------------------------
 
     def configure_model(self) -> None:

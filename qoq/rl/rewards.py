@@ -79,6 +79,12 @@ def extract_boxed(text: str) -> str | None:
     return None
 
 
+def extract_reasoning(text: str) -> str | None:
+    """The content of the first ``<think>...</think>`` block, stripped, or None."""
+    match = _THINK.search(text)
+    return match.group(1).strip() if match else None
+
+
 def normalize_label(text: str) -> str:
     """Case-, whitespace- and punctuation-insensitive form of a label (LaTeX ``\\text{}`` unwrapped)."""
     prev = None

