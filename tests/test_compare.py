@@ -39,6 +39,8 @@ def test_compare_two_runs(tmp_path: Path, capsys) -> None:
         image.verify()
 
 
-def test_compare_names_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
+def test_compare_names_a_folder_that_is_not_a_run(tmp_path: Path, capsys) -> None:
+    assert main(["compare", str(tmp_path), "--out", str(tmp_path / "cmp")]) == 2
+    assert "qoq compare: error:" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="not a run folder"):
-        main(["compare", str(tmp_path), "--out", str(tmp_path / "cmp")])
+        main(["compare", str(tmp_path), "--out", str(tmp_path / "cmp"), "--debug"])

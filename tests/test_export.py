@@ -78,6 +78,9 @@ def test_exported_chat_template_keeps_the_system_prompt(lora_run: Path, tmp_path
     assert plain == policy.chat_texts(["hi"])[0] and policy.system_prompt in plain
 
 
-def test_export_of_a_missing_checkpoint(tmp_path: Path) -> None:
+def test_export_of_a_missing_checkpoint(tmp_path: Path, capsys) -> None:
+    assert main(["export", "--ckpt_path", str(tmp_path / "none.ckpt"), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "qoq export: error:" in err and "no checkpoint" in err
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        main(["export", "--ckpt_path", str(tmp_path / "none.ckpt"), "--out", str(tmp_path / "x")])
+        main(["export", "--ckpt_path", str(tmp_path / "none.ckpt"), "--out", str(tmp_path / "x"), "--debug"])
