@@ -53,11 +53,16 @@ def _cli_class():
         Unless a logger is configured, metrics go to ``<root>/metrics.csv`` (:class:`qoq.loggers.RunLogger`;
         a run given ``--ckpt_path`` appends to it), checkpoints to
         ``<root>/checkpoints/``, the parsed config to ``<root>/config.yaml`` and reports to ``<root>/reports/``.
+        Unset rollout and data-stream seeds are derived from ``seed_everything`` (:mod:`qoq.seeds`), and every
+        effective seed goes to ``<root>/seeds.json``.
         """
 
         def before_instantiate_classes(self) -> None:  # noqa: D102 - LightningCLI hook
+            from qoq.seeds import fill_seeds, write_seeds
+
             cfg = self.config[self.subcommand] if self.subcommand else self.config
             trainer = cfg.trainer
+            write_seeds(fill_seeds(cfg), trainer.default_root_dir or ".")
             if trainer.logger in (None, True):
                 trainer.logger = Namespace(
                     class_path="qoq.loggers.RunLogger",

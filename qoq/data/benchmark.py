@@ -553,7 +553,7 @@ class BenchmarkDataModule(ClinicalDataModule):
         temperature: T of the ``temperature`` sampler.
         adaptive: settings of the ``adaptive`` sampler; None: defaults.
         steps_per_epoch: training batches per stream epoch; None means ceil(train records / batch_size).
-        seed: seed of the training stream (pass the run's seed to vary batches across seeds).
+        seed: seed of the training stream; None derives it from the run seed (``seed_everything``).
         num_workers: DataLoader worker processes.
     """
 
@@ -572,7 +572,7 @@ class BenchmarkDataModule(ClinicalDataModule):
         temperature: float = 2.0,
         adaptive: AdaptiveSampling | None = None,
         steps_per_epoch: int | None = None,
-        seed: int = 0,
+        seed: int | None = None,
         num_workers: int = 0,
     ) -> None:
         self.root = Path(root).expanduser() if root else default_benchmark_dir()
