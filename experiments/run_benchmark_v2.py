@@ -227,6 +227,10 @@ def sft_rows(plan: Plan, condition: str, seed: int, say=print) -> Run:
                 say(f"[{_now()}] done  {name} {condition} sft seed {seed} in {wall:.0f} s")
             row.eval_s += json.loads(marker.read_text())["wall_s"]
             row.reports[name] = find_report(run_dir / folder)
+        shares = eval_scores(row.reports["test_t1"])
+        say(f"[{_now()}] precondition, {condition} warm start seed {seed}: share of held-out records whose "
+            f"{T1_SAMPLES} samples at T = 1 differ in accuracy: "
+            + ", ".join(f"{d} {v['varied']:.2f}" for d, v in shares.items()))
         fit = run_dir / "fit.json"
         row.fit_s = json.loads(fit.read_text())["wall_s"] if fit.is_file() else 0.0
     except Exception as err:  # noqa: BLE001
@@ -392,8 +396,10 @@ def read_trace(run_dir: Path) -> dict[int, list[dict]]:
 def trace_curves(run_dir: Path, labels: Mapping[str, Sequence[str]]) -> dict[str, dict[int, float]]:
     """Per domain and rollout step: accuracy, mean |advantage|, responses and the share of each answer label.
 
-    Keys ``acc/<d>``, ``adv/<d>``, ``n/<d>``, ``label/<d>/<label>`` (``label/<d>/(other)`` for answers outside
-    the domain's labels); a domain has values only at the steps where it was in the batch.
+    Keys ``acc/<d>``, ``adv/<d>``, ``n/<d>``, ``groupsum/<d>`` (mean over the domain's groups of the sum of
+    their advantages: 0 for GRPO, below 0 where DRPO's damping shrinks only positive advantages) and
+    ``label/<d>/<label>`` (``label/<d>/(other)`` for answers outside every label set); a domain has values only
+    at the steps where it was in the batch.
     """
     from qoq.rl.rewards import extract_answer
 
@@ -406,6 +412,10 @@ def trace_curves(run_dir: Path, labels: Mapping[str, Sequence[str]]) -> dict[str
             curves[f"acc/{d}"][step] = statistics.fmean(r["components"].get("accuracy", 0.0) for r in mine)
             curves[f"adv/{d}"][step] = statistics.fmean(abs(r["advantage"]) for r in mine)
             curves[f"n/{d}"][step] = float(len(mine))
+            sums: dict[str, float] = defaultdict(float)
+            for r in mine:
+                sums[r["prompt_id"]] += r["advantage"]
+            curves[f"groupsum/{d}"][step] = statistics.fmean(sums.values())
             if d in labels:
                 every = labels.get("*", ())
                 answers = Counter()
@@ -418,7 +428,7 @@ def trace_curves(run_dir: Path, labels: Mapping[str, Sequence[str]]) -> dict[str
 
 
 def drpo_scales(run_dir: Path) -> dict[str, dict[int, float]]:
-    """DRPO's logged T_d and mean T_c per domain and optimizer-log row (from ``metrics.csv``)."""
+    """DRPO's logged T_d and mean T_c per domain, and the damping threshold t, per logged step (``metrics.csv``)."""
     path = run_dir / "metrics.csv"
     out: dict[str, dict[int, float]] = defaultdict(dict)
     if not path.is_file():
@@ -426,7 +436,8 @@ def drpo_scales(run_dir: Path) -> dict[str, dict[int, float]]:
     with path.open(newline="") as f:
         for i, row in enumerate(r for r in csv.DictReader(f) if r.get("train/reward")):
             for key, value in row.items():
-                if key.startswith(("train/advantage/T_d/", "train/advantage/T_c_mean/")) and value not in ("", None):
+                if key.startswith(("train/advantage/T_d/", "train/advantage/T_c_mean/", "train/advantage/damping_t")) \
+                        and value not in ("", None):
                     v = float(value)
                     if math.isfinite(v):
                         out[key.removeprefix("train/advantage/")][i] = v
@@ -532,6 +543,7 @@ def _condition_section(plan, condition, domains, scores, done, rows_csv, out) ->
         diag = f"diagnostics_{condition}.png"
         scales = {(m, s): drpo_scales(plan.run_dir(condition, m, s)) for (m, s) in curves if m.startswith("drpo")}
         _plot_diagnostics(out / diag, plan, domains, curves, scales)
+        lines += _damping_table(scales)
         lines += ["### Diagnostics (rare domains)", "",
                   "Per rare domain and rollout step, mean over seeds: mean |advantage| of its responses, DRPO's "
                   "T_d and mean T_c (from `metrics.csv`), and the share of its sampled answers per label "
@@ -570,7 +582,31 @@ def _advantage_table(plan, domains, curves) -> list[str]:
         rows.append(f"| {m} | " + " | ".join(
             f"{statistics.fmean(mags[d]) if mags[d] else math.nan:.2f} ({statistics.fmean(shares[d]):.0%})" for d in domains.names) + " |")
     rows.append("| (share of responses) | " + " | ".join(f"{statistics.fmean(shares_n[d]) if shares_n[d] else math.nan:.1%}" for d in domains.names) + " |")
+    rows += ["", "Mean over a domain's groups of the *sum* of the group's advantages (GRPO: 0; a negative value is a "
+             "net push away from every sampled answer of the group):", "",
+             "| method | " + " | ".join(domains.names) + " |", "|---|" + "---|" * len(domains.names)]  # fmt: skip
+    for m in plan.methods:
+        runs = [c for (mm, _), c in curves.items() if mm == m]
+        if runs:
+            cells = []
+            for d in domains.names:
+                xs = [v for c in runs for v in c.get(f"groupsum/{d}", {}).values()]
+                cells.append(f"{statistics.fmean(xs):+.2f}" if xs else "n/a")
+            rows.append(f"| {m} | " + " | ".join(cells) + " |")
     return rows + [""]
+
+
+def _damping_table(scales) -> list[str]:
+    rows = []
+    for m in sorted({m for m, _ in scales}):
+        ts = [v for (mm, _), sc in scales.items() if mm == m for v in sc.get("damping_t", {}).values()]
+        if ts:
+            rows.append(f"| {m} | {len(ts)} | {statistics.fmean(t == 0.0 for t in ts):.0%} | {statistics.median(ts):.3g} |")
+    if not rows:
+        return []
+    return ["DRPO's KL damping threshold t (the 75 % quantile of max(s~ * KL, 0) over the batch) per optimizer-log "
+            "row, over seeds; where t = 0 every positive advantage of the batch is zeroed:", "",
+            "| method | logged steps | share with t = 0 | median t |", "|---|---|---|---|", *rows, ""]  # fmt: skip
 
 
 def _mean_curve(runs: Sequence[Mapping[int, float]], steps: Sequence[int], window: int) -> list[float]:
