@@ -267,6 +267,20 @@ def run_all(plan: Plan, say=print) -> list[Run]:
         return [f.result() for f in jobs]
 
 
+def build(plan: Plan, condition: str) -> Path:
+    """Build (or reuse) a condition's benchmark with the settings of its data config."""
+    import yaml
+
+    from qoq.data.benchmark import build_benchmark
+
+    args = CONDITIONS.get(condition, ())
+    data = args[args.index("--data") + 1] if "--data" in args else "configs/data/benchmark_v2.yaml"
+    cfg = yaml.safe_load((ROOT / data).read_text())["init_args"]
+    keys = ("counts", "eval_per_domain", "image_size", "sft_per_domain", "held_out_sources", "label_noise")
+    return build_benchmark(plan.benchmark_dir(condition), seed=cfg["build_seed"], quiet=True,
+                           **{k: cfg[k] for k in keys})  # fmt: skip
+
+
 def _now() -> str:
     return time.strftime("%H:%M:%S")
 
@@ -749,6 +763,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"unknown method {m!r}: no configs/algorithm/{m}.yaml")
     command = "python -m experiments.run_benchmark_v2 " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     start, load_start, commit = time.perf_counter(), os.getloadavg(), _commit()
+    if not args.report_only:
+        for condition in plan.conditions:  # once, here: parallel runs would otherwise build it side by side
+            build(plan, condition)
     runs = finished(plan) if args.report_only else run_all(plan)
     path = write_report(plan, runs, command=command, wall_s=time.perf_counter() - start,
                         load=(load_start, os.getloadavg()), commit=commit)  # fmt: skip
