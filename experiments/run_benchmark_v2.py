@@ -384,7 +384,7 @@ def fmt_interval(diffs: Sequence[float]) -> str:
     n = sum(math.isfinite(d) for d in diffs)
     if not math.isfinite(lo):
         return f"{mean:+.3f} (n={n})"
-    mark = " *" if lo > 0 or hi < 0 else ""
+    mark = " *" if (lo > 0 or hi < 0) and n >= 3 else ""
     return f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]{mark} (n={n})"
 
 
@@ -521,7 +521,7 @@ def _condition_section(plan, condition, domains, scores, done, rows_csv, out) ->
 
     def paired(prefix: str, base: str, title: str) -> list[str]:
         rows = [f"### {title}", "", "Per seed (same warm start, same data stream), method minus " + base +
-                "; mean [95 % t interval] over seeds; * = the interval excludes 0.", "",
+                "; mean [95 % t interval] over seeds; * = the interval excludes 0 (3 or more seeds).", "",
                 "| method | macro (real) | rare | worst | " + " | ".join(domains.names) + " |",
                 "|---|" + "---|" * (3 + len(domains.names))]  # fmt: skip
         for m in methods:

@@ -74,6 +74,12 @@ def _cli_class():
                     ),
                 )
 
+        def _parse_ckpt_path(self) -> None:  # patched by the lead: see LEAD_NOTE_READ_ME.md (main has the full fix)
+            given = self.config.clone()
+            super()._parse_ckpt_path()
+            if self.config.get("subcommand") != "fit":
+                self.config = given
+
     return QoQCLI
 
 
