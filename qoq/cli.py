@@ -63,6 +63,7 @@ def _cli_class(argv: list[str]):
     from lightning.pytorch.utilities import rank_zero_info
 
     from qoq import runs
+    from qoq.seeds import fill_seeds, write_seeds
 
     class RunConfig(SaveConfigCallback):
         """Saves the parsed config as ``<root>/config.yaml``, whatever the logger."""
@@ -79,12 +80,15 @@ def _cli_class(argv: list[str]):
         Unless a logger is configured, metrics go to ``<root>/metrics.csv`` (:class:`qoq.loggers.RunLogger`;
         a run given ``--ckpt_path`` appends to it), checkpoints to
         ``<root>/checkpoints/``, the parsed config to ``<root>/config.yaml`` and reports to ``<root>/reports/``.
+        Unset rollout and data-stream seeds are derived from ``seed_everything`` (:mod:`qoq.seeds`), and every
+        effective seed goes to ``<root>/seeds.json``.
         """
 
         def before_instantiate_classes(self) -> None:  # noqa: D102 - LightningCLI hook
             cfg = self.config[self.subcommand] if self.subcommand else self.config
             trainer = cfg.trainer
             runs.place_logger_files(trainer.logger, trainer.default_root_dir or ".")
+            write_seeds(fill_seeds(cfg), trainer.default_root_dir or ".")
             if trainer.logger in (None, True):
                 resuming = self.subcommand == "fit" and cfg.get("ckpt_path")
                 trainer.logger = Namespace(
@@ -123,6 +127,7 @@ def _cli_class(argv: list[str]):
             if not cfg.get("ckpt_path"):
                 return
             cfg.ckpt_path = str(_resolve_checkpoint(cfg.ckpt_path, cfg.trainer.default_root_dir or "."))
+            fill_seeds(cfg)  # the checkpoint holds the seeds its run derived from seed_everything
             given = self.config.clone()
             super()._parse_ckpt_path()  # the checkpoint's model settings over the given ones
             differences = _differences(given[subcommand].get("model"), self.config[subcommand].get("model"))

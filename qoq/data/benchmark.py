@@ -54,9 +54,9 @@ import os
 import shutil
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -71,6 +71,7 @@ BENCHMARK_VERSION = 1
 
 TRAIN_MANIFEST = "train.jsonl"
 EVAL_MANIFEST = "eval.jsonl"
+SFT_MANIFEST = "sft.jsonl"
 STAMP_NAME = "build.json"
 
 _SYNTHETIC_SOURCE = {
@@ -213,18 +214,45 @@ class BenchmarkTask:
 
 @dataclass
 class _Context:
-    """What the makers draw from: the demo set's real images by (dataset, label), the IHC image."""
+    """What the makers draw from: the demo set's real images by (dataset, label), the IHC image.
+
+    With ``held_out`` set, the evaluation split draws only from :data:`HELD_OUT_SOURCES` (and the right-hand
+    part of the IHC slide) and the other splits never do, wherever a label has such a source.
+    """
 
     size: int
     bases: dict[tuple[str, str], list[Record]]
     ihc: np.ndarray | None
     ihc_source: dict[str, str]
+    split: str = "train"
+    held_out: bool = False
 
     def base(self, rng: np.random.Generator, dataset: str, label: str) -> Record:
         candidates = self.bases.get((dataset, label))
         if not candidates:
             raise _Missing(f"the demo set has no {dataset!r} image labelled {label!r}")
+        marker = HELD_OUT_SOURCES.get((dataset, label)) if self.held_out else None
+        if marker is not None:
+            held = [r for r in candidates if marker in r.id]
+            rest = [r for r in candidates if marker not in r.id]
+            if held and rest:
+                candidates = held if self.split == "eval" else rest
         return candidates[int(rng.integers(len(candidates)))]
+
+
+#: (demo dataset, label) -> a part of the demo record ids (a distinct slice, frame or scan region of the
+#: series) kept for the evaluation split when sources are held out. Labels not listed have one source image
+#: in the demo set (ct, chest_xray, fundus, MR shoulder / abdomen, US obstetric / small parts), or, for
+#: contrast-enhanced CT, two scans whose split would test a scanner change rather than the task: their
+#: held-out records are new augmentations of the training sources.
+HELD_OUT_SOURCES: dict[tuple[str, str], str] = {
+    ("demo-mr-region", "head"): "slice7",
+    ("demo-us-exam", "echocardiography"): "f20",
+    ("demo-us-exam", "abdominal"): ":r1-",
+}
+#: With held-out sources, training and SFT tiles of the IHC slide lie left of this fraction of its width,
+#: evaluation tiles right of it.
+IHC_SPLIT = 0.6
 
 
 class _Missing(Exception):
@@ -265,7 +293,10 @@ def _dab_tile(ctx: _Context, rng: np.random.Generator, label: str) -> Made:
     view = Augment(hflip=True, dihedral=True)
     for _ in range(1000):
         side = int(rng.integers(round(0.1 * min(h, w)), round(0.25 * min(h, w)) + 1))
-        y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        lo, hi = 0, w - side
+        if ctx.held_out:  # evaluation tiles from the slide's right-hand part, the others from its left
+            lo, hi = (round(IHC_SPLIT * w), w - side) if ctx.split == "eval" else (0, round(IHC_SPLIT * w) - side)
+        y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(lo, hi + 1))
         tile = img[y : y + side, x : x + side]
         share = float((rgb2hed(tile)[..., 2] > DAB_THRESHOLD).mean())
         got = "DAB-positive" if share >= DAB_POSITIVE else "DAB-negative" if share <= DAB_NEGATIVE else None
@@ -346,6 +377,9 @@ def build_benchmark(
     counts: Mapping[str, int] | None = None,
     eval_per_domain: int = 24,
     image_size: int = 64,
+    sft_per_domain: int = 0,
+    held_out_sources: bool = False,
+    label_noise: Mapping[str, float] | None = None,
     demo_dir: str | os.PathLike[str] | None = None,
     quiet: bool = False,
 ) -> Path:
@@ -363,6 +397,14 @@ def build_benchmark(
             100:1 imbalance). Domains left out of ``counts`` are left out of the benchmark.
         eval_per_domain: held-out records per domain.
         image_size: side of the written (square) images, in pixels.
+        sft_per_domain: records per domain of a separate, domain-balanced warm-start pool (``sft.jsonl``:
+            other augmentations of the training sources, never in ``train.jsonl``); 0 writes none.
+        held_out_sources: draw the evaluation split from source images the other splits never use,
+            wherever the demo set has more than one per label (:data:`HELD_OUT_SOURCES`, the right-hand
+            part of the IHC slide; synthetic draws are always new).
+        label_noise: domain -> fraction of its *training* records whose answer is replaced by another label
+            drawn at random (a noisy reward; the record's ``source`` says so); the SFT pool and the
+            evaluation split keep their true labels.
         demo_dir: where the qoq demo set (the real source images) is built or reused; default
             ``<out_dir>/demo``.
         quiet: do not print the summary.
@@ -385,6 +427,12 @@ def build_benchmark(
             raise ValueError(f"build_benchmark: no benchmark task for domain {domain!r} (have {list(tasks)})")
         if n < 1:
             raise ValueError(f"build_benchmark: counts[{domain!r}] must be >= 1, got {n}")
+    label_noise = dict(label_noise or {})
+    for domain, p in label_noise.items():
+        if domain not in counts or not 0.0 <= p < 1.0:
+            raise ValueError(f"build_benchmark: label_noise[{domain!r}] must be in [0, 1) for a built domain, got {p}")
+    if sft_per_domain < 0:
+        raise ValueError(f"build_benchmark: sft_per_domain must be >= 0, got {sft_per_domain}")
     if eval_per_domain < 1 or image_size < 8:
         raise ValueError(f"build_benchmark: eval_per_domain >= 1 and image_size >= 8 needed, got "
                          f"{eval_per_domain}, {image_size}")  # fmt: skip
@@ -398,8 +446,12 @@ def build_benchmark(
         "image_size": image_size,
         "demo_digest": _digest(demo_manifest),
     }
+    if sft_per_domain or held_out_sources or label_noise:  # absent for the v1 benchmark: its cache stays valid
+        settings |= {"sft_per_domain": sft_per_domain, "held_out_sources": held_out_sources,
+                     "label_noise": {d: label_noise[d] for d in DOMAINS if d in label_noise}}  # fmt: skip
     train_path, eval_path, stamp = out / TRAIN_MANIFEST, out / EVAL_MANIFEST, out / STAMP_NAME
-    if _reusable(stamp, (train_path, eval_path), settings):
+    manifests = (train_path, eval_path, *((out / SFT_MANIFEST,) if sft_per_domain else ()))
+    if _reusable(stamp, manifests, settings):
         if not quiet:
             _print_summary(read_manifest(train_path), read_manifest(eval_path), reused=True)
         return train_path
@@ -420,24 +472,32 @@ def build_benchmark(
         ihc = read_image(ihc_path)
     ctx = _Context(image_size, bases, ihc, ihc_src.provenance())
 
-    splits: dict[str, list[Record]] = {"train": [], "eval": []}
+    splits: dict[str, list[Record]] = {"train": [], "eval": [], "sft": []}
     for t, task in enumerate(TASKS):
         if task.domain not in counts:
             continue
-        for s, (split, n) in enumerate((("train", counts[task.domain]), ("eval", eval_per_domain))):
-            rng = np.random.default_rng([seed, t, s])
+        sizes = (("train", counts[task.domain]), ("eval", eval_per_domain), ("sft", sft_per_domain))
+        for s, (split, n) in enumerate(sizes):
+            rng = np.random.default_rng([seed, t, s])  # the images; label noise has its own stream
+            noise = (label_noise.get(task.domain, 0.0), np.random.default_rng([seed, t, s, 1]))
+            split_ctx = replace(ctx, split=split, held_out=held_out_sources)
             try:
-                splits[split] += [_record(task, ctx, rng, split, i, out) for i in range(n)]
+                splits[split] += [
+                    _record(task, split_ctx, rng, split, i, out, noise if split == "train" else None)
+                    for i in range(n)
+                ]
             except _Missing as err:
                 raise RuntimeError(
                     f"build_benchmark: cannot build {task.domain} ({task.dataset}): {err}"
                 ) from None
     write_manifest(splits["train"], train_path)
     write_manifest(splits["eval"], eval_path)
+    if sft_per_domain:
+        write_manifest(splits["sft"], out / SFT_MANIFEST)
     stamp.write_text(json.dumps({
         **settings,
-        "records": {split: dict(Counter(r.domain for r in recs)) for split, recs in splits.items()},
-        "digests": {p.name: _digest(p) for p in (train_path, eval_path)},
+        "records": {split: dict(Counter(r.domain for r in recs)) for split, recs in splits.items() if recs},
+        "digests": {p.name: _digest(p) for p in manifests},
     }, indent=1))  # fmt: skip
     if not quiet:
         _print_summary(splits["train"], splits["eval"], reused=False)
@@ -445,8 +505,10 @@ def build_benchmark(
 
 
 def _record(
-    task: BenchmarkTask, ctx: _Context, rng: np.random.Generator, split: str, i: int, out: Path
+    task: BenchmarkTask, ctx: _Context, rng: np.random.Generator, split: str, i: int, out: Path,
+    noise: tuple[float, np.random.Generator] | None = None,
 ) -> Record:
+    """One record; ``noise = (p, rng)`` replaces its answer by another label with probability p."""
     from PIL import Image
 
     label = task.labels[i % len(task.labels)]
@@ -454,17 +516,23 @@ def _record(
     path = out / "files" / task.domain / f"{task.dataset}-{split}-{i:05d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(made.image).save(path, compress_level=1)
+    answer, label_source, source = label, made.label_source, {**made.source, "builder": "qoq/data/benchmark.py", "split": split}
+    if noise is not None and noise[0] > 0 and noise[1].random() < noise[0]:
+        others = [x for x in task.labels if x != label]
+        answer = others[int(noise[1].integers(len(others)))]
+        label_source += f"; then replaced by a random other label (benchmark label noise {noise[0]:.0%})"
+        source["label_noise"] = f"image made for {label!r}, answer replaced by {answer!r}"
     return Record(
         id=f"{task.dataset}:{split}:{i:05d}",
         problem=task.problem,
-        answer=(label,),
+        answer=(answer,),
         labels=task.labels,
         domain=task.domain,
         dataset=task.dataset,
         images=(str(path),),
         origin=task.origin,
-        label_source=made.label_source,
-        source={**made.source, "builder": "qoq/data/benchmark.py", "split": split},
+        label_source=label_source,
+        source=source,
     )
 
 
@@ -543,6 +611,12 @@ class BenchmarkDataModule(ClinicalDataModule):
         build_seed: seed of the benchmark build (which images, crops, tiles); fixed across training seeds.
         counts: domain -> training records; None uses the defaults (1000 ct ... 10 ultrasound).
         eval_per_domain: held-out records per domain.
+        sft_per_domain: records per domain of the balanced warm-start pool (``sft.jsonl``); 0: none.
+        held_out_sources: evaluation records from source images the other splits never use (where the demo
+            set allows; see :func:`build_benchmark`).
+        label_noise: domain -> fraction of its training records with a wrong answer (a noisy reward).
+        train_split: what training batches come from: ``train`` (the RL stream, as unbalanced as
+            ``counts``) or ``sft`` (the balanced warm-start pool; needs ``sft_per_domain``).
         real_only: drop synthetic records (the mammography domain).
         domains: keep only these domains (None: all of them).
         batch_size: prompts per training batch (per process).
@@ -553,7 +627,7 @@ class BenchmarkDataModule(ClinicalDataModule):
         temperature: T of the ``temperature`` sampler.
         adaptive: settings of the ``adaptive`` sampler; None: defaults.
         steps_per_epoch: training batches per stream epoch; None means ceil(train records / batch_size).
-        seed: seed of the training stream (pass the run's seed to vary batches across seeds).
+        seed: seed of the training stream; None derives it from the run seed (``seed_everything``).
         num_workers: DataLoader worker processes.
     """
 
@@ -563,6 +637,10 @@ class BenchmarkDataModule(ClinicalDataModule):
         build_seed: int = 0,
         counts: dict[str, int] | None = None,
         eval_per_domain: int = 24,
+        sft_per_domain: int = 0,
+        held_out_sources: bool = False,
+        label_noise: dict[str, float] | None = None,
+        train_split: Literal["train", "sft"] = "train",
         real_only: bool = False,
         domains: list[str] | None = None,
         batch_size: int = 8,
@@ -572,12 +650,15 @@ class BenchmarkDataModule(ClinicalDataModule):
         temperature: float = 2.0,
         adaptive: AdaptiveSampling | None = None,
         steps_per_epoch: int | None = None,
-        seed: int = 0,
+        seed: int | None = None,
         num_workers: int = 0,
     ) -> None:
         self.root = Path(root).expanduser() if root else default_benchmark_dir()
+        if train_split not in ("train", "sft") or (train_split == "sft" and sft_per_domain < 1):
+            raise ValueError(f"BenchmarkDataModule: train_split={train_split!r} needs 'train', or 'sft' with "
+                             f"sft_per_domain >= 1 (got {sft_per_domain})")  # fmt: skip
         super().__init__(
-            manifests=[str(self.root / TRAIN_MANIFEST)],
+            manifests=[str(self.root / (SFT_MANIFEST if train_split == "sft" else TRAIN_MANIFEST))],
             real_only=real_only,
             domains=domains,
             batch_size=batch_size,
@@ -592,11 +673,14 @@ class BenchmarkDataModule(ClinicalDataModule):
             num_workers=num_workers,
         )
         self.build_seed, self.counts, self.eval_per_domain = build_seed, counts, eval_per_domain
+        self.sft_per_domain, self.held_out_sources, self.label_noise = sft_per_domain, held_out_sources, label_noise
+        self.train_split = train_split
 
     def _build(self, quiet: bool) -> Path:
         return build_benchmark(self.root, seed=self.build_seed, counts=self.counts,
                                eval_per_domain=self.eval_per_domain, image_size=self.image_size,
-                               quiet=quiet)  # fmt: skip
+                               sft_per_domain=self.sft_per_domain, held_out_sources=self.held_out_sources,
+                               label_noise=self.label_noise, quiet=quiet)  # fmt: skip
 
     def prepare_data(self) -> None:
         """Build the benchmark (once per machine, before :meth:`setup`) and print its summary."""
@@ -609,7 +693,7 @@ class BenchmarkDataModule(ClinicalDataModule):
         if self.train_records:
             return
         train = self._build(quiet=True)
-        self.train_records = self._keep(read_manifest(train))
+        self.train_records = self._keep(read_manifest(train.with_name(Path(self.manifests[0]).name)))
         self.val_records = self._keep(read_manifest(train.with_name(EVAL_MANIFEST)))
         self.dataset_vocab = sorted({r.dataset for r in self.train_records + self.val_records})
         mix = ", ".join(f"{d} {p:.3f}" for d, p in self.sampler().weights.items())
@@ -636,6 +720,8 @@ def imbalance_ratio(records: Sequence[Record]) -> float:
 __all__ = [
     "BENCHMARK_VERSION",
     "EVAL_MANIFEST",
+    "HELD_OUT_SOURCES",
+    "SFT_MANIFEST",
     "TASKS",
     "TRAIN_MANIFEST",
     "Augment",

@@ -46,6 +46,7 @@ from typing import Any, Literal
 
 import lightning as L
 import numpy as np
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -59,6 +60,7 @@ from qoq.data.manifest import read_manifest
 from qoq.data.predict import UNSPECIFIED, PredictInput
 from qoq.data.records import Record
 from qoq.rl.rewards import RESPONSE_FORMAT
+from qoq.seeds import derive_seed
 from qoq.types import PromptBatch
 
 SamplerMode = Literal["natural", "balanced", "temperature", "adaptive"]
@@ -255,7 +257,8 @@ class ClinicalDataModule(L.LightningDataModule):
         temperature: T of the ``temperature`` sampler (p_d proportional to n_d ** (1 / T)).
         adaptive: settings of the ``adaptive`` sampler (base mixture, tilt, floor, lag); None: defaults.
         steps_per_epoch: training batches per stream epoch; None means ceil(train records / batch_size).
-        seed: seed of the training stream (batch b of epoch e depends on seed, e and b only).
+        seed: seed of the training stream (batch b of epoch e depends on seed, e and b only); None derives
+            it from the global seed (``seed_everything``; :func:`qoq.seeds.derive_seed`).
         num_workers: DataLoader worker processes.
         instruction: the response-format instruction appended to every prompt; default the paper's
             prompt contract (:data:`qoq.rl.rewards.RESPONSE_FORMAT`); a short one saves compute for tiny
@@ -287,7 +290,7 @@ class ClinicalDataModule(L.LightningDataModule):
         temperature: float = 2.0,
         adaptive: AdaptiveSampling | None = None,
         steps_per_epoch: int | None = None,
-        seed: int = 0,
+        seed: int | None = None,
         num_workers: int = 0,
         instruction: str | None = RESPONSE_FORMAT,
         val_manifests: list[str] | None = None,
@@ -312,6 +315,8 @@ class ClinicalDataModule(L.LightningDataModule):
         self.skip_invalid, self.check_files, self.val_fraction = skip_invalid, check_files, val_fraction
         self.sampler_mode, self.temperature = sampler, temperature
         self.adaptive = adaptive if adaptive is not None else AdaptiveSampling()
+        if seed is None:
+            seed = derive_seed(torch.initial_seed(), "data")
         self.steps_per_epoch, self.seed, self.num_workers = steps_per_epoch, seed, num_workers
         self.instruction = instruction
         self.val_manifests = [str(m) for m in val_manifests or []]

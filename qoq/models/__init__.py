@@ -13,6 +13,7 @@ from qoq.models.builders import (
     TinyLM,
 )
 from qoq.models.encoders import ECGEncoder, ModalityEncoder, VisionEncoder, VolumeEncoder, load_weights
+from qoq.models.optim import LRSchedule, decay_groups
 from qoq.models.policy import DEFAULT_SYSTEM_PROMPT, Policy, tiny_policy
 from qoq.models.projector import FusionProjector
 from qoq.models.tokenizer import build_tokenizer
@@ -21,6 +22,7 @@ __all__ = [
     "DEFAULT_SYSTEM_PROMPT",
     "ECGEncoder",
     "FusionProjector",
+    "LRSchedule",
     "LMBuilder",
     "ModalityEncoder",
     "Policy",
@@ -32,6 +34,7 @@ __all__ = [
     "VisionEncoder",
     "VolumeEncoder",
     "build_tokenizer",
+    "decay_groups",
     "load_weights",
     "tiny_policy",
 ]

@@ -29,6 +29,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from qoq.models.builders import LMBuilder, TinyLM
 from qoq.models.encoders import ECGEncoder, ModalityEncoder, VisionEncoder, VolumeEncoder
+from qoq.models.optim import LRSchedule, decay_groups
 from qoq.models.projector import FusionProjector
 from qoq.types import PLACEHOLDERS, PromptBatch
 
@@ -59,8 +60,10 @@ class Policy(L.LightningModule):
             combine it with ``lora`` (QLoRA) or train only encoders/projector.
         freeze: submodules to freeze: "lm", "encoders", "encoders.<kind>", "projector".
         system_prompt: the system turn of every prompt (None: no system turn).
-        lr: AdamW learning rate (SFT stage).
+        lr: AdamW learning rate (SFT stage; the peak when ``lr_schedule`` is set).
         weight_decay: AdamW weight decay on matrices (biases, norms and embeddings' 1-D params excluded).
+        lr_schedule: warm-up and decay of ``lr`` over the SFT stage's optimizer steps (e.g.
+            ``{warmup_steps: 50, decay: cosine}``); None keeps ``lr`` constant.
         max_prompt_tokens: longest allowed prompt in embeddings (text + modality tokens); longer prompts
             raise.
         share_prompts: compute response log-probs with each prompt run once and its KV cache shared by
@@ -79,6 +82,7 @@ class Policy(L.LightningModule):
         system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
         lr: float = 1e-5,
         weight_decay: float = 0.0,
+        lr_schedule: LRSchedule | None = None,
         max_prompt_tokens: int | None = None,
         share_prompts: bool = True,
     ) -> None:
@@ -111,6 +115,7 @@ class Policy(L.LightningModule):
         self.system_prompt = system_prompt
         self.lr = lr
         self.weight_decay = weight_decay
+        self.lr_schedule = lr_schedule
         self.max_prompt_tokens = max_prompt_tokens
         self.share_prompts = share_prompts
         self.language_model: nn.Module | None = None
@@ -646,16 +651,16 @@ class Policy(L.LightningModule):
         source = getattr(self._trainer, "ckpt_path", None) or "checkpoint"
         self.check_tokenizer(checkpoint.get("tokenizer_fingerprint"), source)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        """AdamW over the trainable parameters; weight decay on matrices only."""
+    def configure_optimizers(self) -> Any:
+        """AdamW over the trainable parameters (weight decay on matrices only), with ``lr_schedule`` if set."""
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
             raise RuntimeError("Policy.configure_optimizers: no trainable parameters (check `freeze`)")
-        groups = [
-            {"params": [p for p in params if p.ndim >= 2], "weight_decay": self.weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-        ]
-        return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr)
+        optimizer = torch.optim.AdamW(decay_groups(params, self.weight_decay), lr=self.lr)
+        if self.lr_schedule is None:
+            return optimizer
+        total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else None
+        return {"optimizer": optimizer, "lr_scheduler": self.lr_schedule.scheduler(optimizer, total)}
 
 
 def _prepare_4bit_layers(model: nn.Module) -> None:

@@ -23,6 +23,7 @@ from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor
 
 from qoq import strategies
+from qoq.models.optim import decay_groups
 from qoq.models.policy import Policy
 from qoq.rl import losses
 from qoq.rl.advantages import DRPO, AdvantageEstimator
@@ -115,7 +116,7 @@ class PolicyOptimization(L.LightningModule):
             separate no-grad forward over every response before the update, used for the ratio, the KL
             damping and the mismatch metric (the exact behaviour of earlier versions).
         lr: learning rate (AdamW).
-        weight_decay: AdamW weight decay.
+        weight_decay: AdamW weight decay on matrices (1-D parameters exempt, as in the SFT stage).
         betas: AdamW betas.
         optimizer: "adamw" or "adamw8bit" (bitsandbytes).
         grad_clip: max gradient norm; 0 disables clipping.
@@ -222,11 +223,12 @@ class PolicyOptimization(L.LightningModule):
         if not params:
             raise ValueError("PolicyOptimization: the policy has no trainable parameters (check `freeze`)")
         hp = self.hparams
+        groups = decay_groups(params, hp.weight_decay)
         if hp.optimizer == "adamw8bit":
             import bitsandbytes as bnb
 
-            return bnb.optim.AdamW8bit(params, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
-        return torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
+            return bnb.optim.AdamW8bit(groups, lr=hp.lr, betas=tuple(hp.betas))
+        return torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
 
     def _ensure_engine(self) -> None:
         if self._engine_ready:
@@ -782,7 +784,8 @@ class PolicyOptimization(L.LightningModule):
                     iou=iou_value,
                 )
             )
-        self.log(f"{split}/reward", scored.total.float().mean(), batch_size=len(batch), sync_dist=True)
+        if split != "predict":  # Lightning has no logging in predict hooks
+            self.log(f"{split}/reward", scored.total.float().mean(), batch_size=len(batch), sync_dist=True)
         return {"eval_records": records}
 
     # ------------------------------------------------------------------ checkpoints

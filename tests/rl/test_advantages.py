@@ -155,6 +155,22 @@ def test_drpo_kl_damping_by_hand():
     torch.testing.assert_close(plain, zero_kl)
 
 
+def test_drpo_damping_zeroes_every_positive_advantage_when_few_are_positive():
+    """The paper's rule, taken literally: t is the 75 % quantile of z = max(s~ * kl, 0) over the batch, so
+    when 25 % or fewer of the responses have z > 0 (a positive advantage and KL > 0), t = 0 and every
+    positive advantage is multiplied by t / (t + z) = 0; only the negative ones remain. This is what stops
+    damped DRPO from learning in tests/systems/test_learning.py (groups of 4 with mostly zero variance)."""
+    rewards = torch.tensor([1.0, 0, 0, 0] + [0.0] * 4 + [1.0] * 4)  # one correct answer in 12
+    g, d = groups(3, 4), torch.zeros(12, dtype=torch.long)
+    adv, metrics = drpo(rewards, g, d, DomainStats(window="batch", k_max=1), kl=torch.full((12,), 0.01),
+                        domain_only=True)  # fmt: skip
+    assert float(metrics["damping_t"]) == 0.0
+    assert float(adv[0]) == 0.0 and bool((adv[1:4] < 0).all())
+    assert float(adv.sum()) < 0  # a push away from every sampled answer, none toward the right one
+    plain, _ = drpo(rewards, g, d, DomainStats(window="batch", k_max=1), domain_only=True)
+    assert float(plain[0]) > 0 and float(plain.sum()) == pytest.approx(0.0, abs=1e-6)
+
+
 def test_drpo_rejects_bad_batches():
     stats = DomainStats()
     with pytest.raises(ValueError, match="same number of rollouts"):
