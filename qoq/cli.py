@@ -88,7 +88,7 @@ def _cli_class(argv: list[str]):
             cfg = self.config[self.subcommand] if self.subcommand else self.config
             trainer = cfg.trainer
             runs.place_logger_files(trainer.logger, trainer.default_root_dir or ".")
-            write_seeds(fill_seeds(cfg), trainer.default_root_dir or ".")
+            self._seeds = fill_seeds(cfg)  # written once the classes are built (bad settings write nothing)
             if trainer.logger in (None, True):
                 resuming = self.subcommand == "fit" and cfg.get("ckpt_path")
                 trainer.logger = Namespace(
@@ -106,6 +106,7 @@ def _cli_class(argv: list[str]):
         def instantiate_classes(self) -> None:  # noqa: D102 - LightningCLI step
             super().instantiate_classes()
             root = Path(self.trainer.default_root_dir)
+            write_seeds(self._seeds, root)
             for callback in self.trainer.checkpoint_callbacks:  # not under the logger's folder
                 if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
                     callback.dirpath = os.path.realpath(root / "checkpoints")

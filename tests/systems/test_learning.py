@@ -29,7 +29,7 @@ from qoq.data.domains import DOMAINS
 from qoq.data.manifest import read_manifest
 from qoq.models import FusionProjector, Policy, TinyLM, VisionEncoder
 from qoq.rl.advantages import DRPO, GRPO
-from qoq.rl.rewards import RewardFn
+from qoq.rl.rewards import RewardFn, set_f1
 from qoq.rl.rollout import HFEngine
 from qoq.systems import LossConfig, PolicyOptimization
 from qoq.types import SamplingParams
@@ -108,8 +108,8 @@ def _accuracy(system: PolicyOptimization, manifest: Path, root: Path) -> dict[st
     loader = DataLoader(ClinicalDataset(records, SIZE, instruction=None), batch_size=64,
                         collate_fn=partial(collate, domain_vocab=list(DOMAINS)))  # fmt: skip
     rows = [r for batch in _trainer(root).predict(system, dataloaders=loader) for r in batch]
-    return {d: float(np.mean([r["rewards"]["accuracy"] for r in rows if r["domain"] == d]))
-            for d in sorted({r["domain"] for r in rows})}  # fmt: skip
+    hits = [(r["domain"], set_f1(frozenset(r["labels"]), frozenset(r["gold"]))) for r in rows]  # the accuracy reward
+    return {d: float(np.mean([h for dom, h in hits if dom == d])) for d in sorted({d for d, _ in hits})}
 
 
 def _warm_start(policy: Policy, manifest: Path, seed: int) -> None:
