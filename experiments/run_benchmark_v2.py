@@ -183,7 +183,7 @@ def run_one(plan: Plan, condition: str, method: str, seed: int, say=print) -> Ru
             say(f"[{_now()}] start fit  {condition or '-'} {method} seed {seed}")
             result.fit_s = _run_cli(argv, run_dir / "fit.log")
             marker.write_text(json.dumps({"wall_s": result.fit_s, "command": cli_command(argv),
-                                          "load": os.getloadavg()}, indent=1))  # fmt: skip
+                                          "load": os.getloadavg(), "commit": _commit()}, indent=1))  # fmt: skip
             say(f"[{_now()}] done  fit  {condition or '-'} {method} seed {seed} in {result.fit_s:.0f} s")
         if method == SFT:  # the warm start is evaluated once per condition's benchmark below
             return result
@@ -465,21 +465,27 @@ def write_report(plan: Plan, runs: Sequence[Run], *, command: str, wall_s: float
     out.mkdir(parents=True, exist_ok=True)
     done = [r for r in runs if r.reports and all(r.reports.get(n) for n in EVALS) and not r.error]
     scores = {(r.condition, r.method, r.seed): {n: eval_scores(r.reports[n]) for n in EVALS} for r in done}
+    made = Counter(_fit_commit(plan, r) for r in done)
     lines = ["# Benchmark v2: GRPO, DRPO and balancing methods from a generalist warm start", "",
-             f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} from commit `{commit}`.", "",
+             f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by commit `{commit}`; the tabulated "
+             "runs were made by " + ", ".join(f"`{c}` ({n} runs)" for c, n in made.items()) + ".", "",
              "```", plan.command(), "```", "", f"This invocation: `{command}`; wall {wall_s / 60:.1f} min; "
              f"load average (1/5/15 min) {_load(load[0])} at its start, {_load(load[1])} at its end "
-             f"({os.cpu_count()} cores).", ""]  # fmt: skip
+             f"({os.cpu_count()} cores). The tabulated runs span {_span(plan, runs) / 60:.1f} min from the first "
+             "fit's start to the last evaluation's end (from their marker files); per-run times and the load at the "
+             "end of each fit are in the Runs table.", ""]  # fmt: skip
     rows_csv = []
     for condition in plan.conditions:
         if not plan.benchmark_dir(condition).joinpath("build.json").is_file():
             continue
         domains = Domains.of(plan.benchmark_dir(condition))
         lines += _condition_section(plan, condition, domains, scores, done, rows_csv, out)
-    lines += ["## Runs", "", "| condition | method | seed | fit (s) | evaluations (s) | status |", "|---|---|---|---|---|---|"]
+    lines += ["## Runs", "", "| condition | method | seed | fit (s) | evaluations (s) | load at fit end | status |",
+              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in runs:
         status = "ok" if r in done else ("FAILED: " + r.error.splitlines()[0] if r.error else "not finished")
-        lines.append(f"| {r.condition or '(warm start)'} | {r.method} | {r.seed} | {r.fit_s:.0f} | {r.eval_s:.0f} | {status} |")
+        lines.append(f"| {r.condition or '(warm start)'} | {r.method} | {r.seed} | {r.fit_s:.0f} | {r.eval_s:.0f} | "
+                     f"{_fit_load(plan, r)} | {status} |")  # fmt: skip
     lines += ["", "Commands of one seed (the others differ only in the seed and folders):", "", "```"]
     seed, condition = plan.seeds[0], plan.conditions[0]
     lines.append(_relative(cli_command(plan.fit_argv("", SFT, seed))))
@@ -711,6 +717,29 @@ def _write_csv(path: Path, rows: Sequence[Mapping]) -> None:
         writer = csv.DictWriter(f, fieldnames=names)
         writer.writeheader()
         writer.writerows(rows)
+
+
+def _span(plan: Plan, runs: Sequence[Run]) -> float:
+    """Seconds from the earliest fit start to the latest evaluation end among ``runs`` (marker files)."""
+    starts, ends = [], []
+    for r in runs:
+        run_dir = plan.run_dir(r.condition, r.method, r.seed)
+        fit = run_dir / "fit.json"
+        if fit.is_file():
+            starts.append(fit.stat().st_mtime - json.loads(fit.read_text())["wall_s"])
+        ends += [m.stat().st_mtime for m in run_dir.glob("test*.json")]
+    return max(ends) - min(starts) if starts and ends else 0.0
+
+
+def _fit_commit(plan: Plan, r: Run) -> str:
+    fit = plan.run_dir(r.condition, r.method, r.seed) / "fit.json"
+    return (json.loads(fit.read_text()).get("commit") if fit.is_file() else None) or "commit not recorded"
+
+
+def _fit_load(plan: Plan, r: Run) -> str:
+    fit = plan.run_dir(r.condition, r.method, r.seed) / "fit.json"
+    load = json.loads(fit.read_text()).get("load") if fit.is_file() else None
+    return _load(load) if load else ""
 
 
 def _relative(command: str) -> str:
