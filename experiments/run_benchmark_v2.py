@@ -59,8 +59,10 @@ T1_SAMPLES = 4
 #: The evaluations of every run: folder name -> extra ``qoq test`` arguments (seed filled in per run).
 EVALS = {
     "test": [],
-    "test_t1": ["--model.init_args.eval_sampling",
-                f"{{n: {T1_SAMPLES}, max_new_tokens: 32, temperature: 1.0, seed: {{seed}}}}"],  # fmt: skip
+    "test_t1": [
+        "--model.init_args.eval_sampling",
+        f"{{n: {T1_SAMPLES}, max_new_tokens: 32, temperature: 1.0, seed: {{seed}}}}",
+    ],
 }
 #: Domains with this share of the RL stream or less count as rare.
 RARE_SHARE = 0.03
@@ -183,7 +185,7 @@ def run_one(plan: Plan, condition: str, method: str, seed: int, say=print) -> Ru
             say(f"[{_now()}] start fit  {condition or '-'} {method} seed {seed}")
             result.fit_s = _run_cli(argv, run_dir / "fit.log")
             marker.write_text(json.dumps({"wall_s": result.fit_s, "command": cli_command(argv),
-                                          "load": os.getloadavg()}, indent=1))  # fmt: skip
+                                          "load": os.getloadavg(), "commit": _commit()}, indent=1))  # fmt: skip
             say(f"[{_now()}] done  fit  {condition or '-'} {method} seed {seed} in {result.fit_s:.0f} s")
         if method == SFT:  # the warm start is evaluated once per condition's benchmark below
             return result
@@ -228,9 +230,11 @@ def sft_rows(plan: Plan, condition: str, seed: int, say=print) -> Run:
             row.eval_s += json.loads(marker.read_text())["wall_s"]
             row.reports[name] = find_report(run_dir / folder)
         shares = eval_scores(row.reports["test_t1"])
-        say(f"[{_now()}] precondition, {condition} warm start seed {seed}: share of held-out records whose "
+        say(
+            f"[{_now()}] precondition, {condition} warm start seed {seed}: share of held-out records whose "
             f"{T1_SAMPLES} samples at T = 1 differ in accuracy: "
-            + ", ".join(f"{d} {v['varied']:.2f}" for d, v in shares.items()))
+            + ", ".join(f"{d} {v['varied']:.2f}" for d, v in shares.items())
+        )
         fit = run_dir / "fit.json"
         row.fit_s = json.loads(fit.read_text())["wall_s"] if fit.is_file() else 0.0
     except Exception as err:  # noqa: BLE001
@@ -257,8 +261,14 @@ def run_all(plan: Plan, say=print) -> list[Run]:
         def after(fn, condition: str, method: str, seed: int) -> Run:
             base = warm[seed].result()
             if base.error:
-                return Run(condition, method, seed, error=f"its warm start failed: {base.error.splitlines()[0]}")
-            return fn(plan, condition, method, seed, locked) if fn is run_one else fn(plan, condition, seed, locked)
+                return Run(
+                    condition, method, seed, error=f"its warm start failed: {base.error.splitlines()[0]}"
+                )
+            return (
+                fn(plan, condition, method, seed, locked)
+                if fn is run_one
+                else fn(plan, condition, seed, locked)
+            )
 
         jobs = []
         for c in plan.conditions:
@@ -298,7 +308,11 @@ def finished(plan: Plan) -> list[Run]:
                     walls = [json.loads(p.read_text())["wall_s"] for p in
                              [run_dir / "fit.json", *[run_dir / f"{n}{sub if m == SFT else ''}.json" for n in EVALS]]
                              if p.is_file()]  # fmt: skip
-                    fit = json.loads((run_dir / "fit.json").read_text())["wall_s"] if (run_dir / "fit.json").is_file() else 0.0
+                    fit = (
+                        json.loads((run_dir / "fit.json").read_text())["wall_s"]
+                        if (run_dir / "fit.json").is_file()
+                        else 0.0
+                    )
                     out.append(Run(c, m, s, fit, sum(walls) - fit, reports))
     return out
 
@@ -355,7 +369,9 @@ class Domains:
         return tuple(d for d in self.names if d not in self.synthetic)
 
 
-def summary(scores: Mapping[str, Mapping[str, float]], domains: Domains, key: str = "accuracy") -> dict[str, float]:
+def summary(
+    scores: Mapping[str, Mapping[str, float]], domains: Domains, key: str = "accuracy"
+) -> dict[str, float]:
     """Per-domain values plus ``macro`` (real-derived domains), ``rare`` (mean) and ``worst`` (real-derived)."""
     out = {d: scores.get(d, {}).get(key, math.nan) for d in domains.names}
     real = [out[d] for d in domains.real]
@@ -450,8 +466,9 @@ def drpo_scales(run_dir: Path) -> dict[str, dict[int, float]]:
     with path.open(newline="") as f:
         for i, row in enumerate(r for r in csv.DictReader(f) if r.get("train/reward")):
             for key, value in row.items():
-                if key.startswith(("train/advantage/T_d/", "train/advantage/T_c_mean/", "train/advantage/damping_t")) \
-                        and value not in ("", None):
+                if key.startswith(
+                    ("train/advantage/T_d/", "train/advantage/T_c_mean/", "train/advantage/damping_t")
+                ) and value not in ("", None):
                     v = float(value)
                     if math.isfinite(v):
                         out[key.removeprefix("train/advantage/")][i] = v
@@ -459,27 +476,35 @@ def drpo_scales(run_dir: Path) -> dict[str, dict[int, float]]:
 
 
 # --------------------------------------------------------------------------------------- writing
-def write_report(plan: Plan, runs: Sequence[Run], *, command: str, wall_s: float, load: tuple, commit: str) -> Path:
+def write_report(
+    plan: Plan, runs: Sequence[Run], *, command: str, wall_s: float, load: tuple, commit: str
+) -> Path:
     """``results.md``, ``runs.csv``, ``curves_<condition>.png`` and ``diagnostics_<condition>.png``."""
     out = plan.results
     out.mkdir(parents=True, exist_ok=True)
     done = [r for r in runs if r.reports and all(r.reports.get(n) for n in EVALS) and not r.error]
     scores = {(r.condition, r.method, r.seed): {n: eval_scores(r.reports[n]) for n in EVALS} for r in done}
+    made = Counter(_fit_commit(plan, r) for r in done)
     lines = ["# Benchmark v2: GRPO, DRPO and balancing methods from a generalist warm start", "",
-             f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} from commit `{commit}`.", "",
-             "```", plan.command(), "```", "", f"This invocation: `{command}`; wall {wall_s / 60:.1f} min; "
+             f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by commit `{commit}`; the tabulated "
+             "runs were made by " + ", ".join(f"`{c}` ({n} runs)" for c, n in made.items()) + ".", "",
+             "```", plan.command(), "```", "", (f"This invocation: `{command}`; wall {wall_s / 60:.1f} min; "
              f"load average (1/5/15 min) {_load(load[0])} at its start, {_load(load[1])} at its end "
-             f"({os.cpu_count()} cores).", ""]  # fmt: skip
+             f"({os.cpu_count()} cores). The tabulated runs span {_span(plan, runs) / 60:.1f} min from the first "
+             "fit's start to the last evaluation's end (from their marker files); per-run times and the load at the "
+             "end of each fit are in the Runs table."), ""]  # fmt: skip
     rows_csv = []
     for condition in plan.conditions:
         if not plan.benchmark_dir(condition).joinpath("build.json").is_file():
             continue
         domains = Domains.of(plan.benchmark_dir(condition))
         lines += _condition_section(plan, condition, domains, scores, done, rows_csv, out)
-    lines += ["## Runs", "", "| condition | method | seed | fit (s) | evaluations (s) | status |", "|---|---|---|---|---|---|"]
+    lines += ["## Runs", "", "| condition | method | seed | fit (s) | evaluations (s) | load at fit end | status |",
+              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in runs:
         status = "ok" if r in done else ("FAILED: " + r.error.splitlines()[0] if r.error else "not finished")
-        lines.append(f"| {r.condition or '(warm start)'} | {r.method} | {r.seed} | {r.fit_s:.0f} | {r.eval_s:.0f} | {status} |")
+        lines.append(f"| {r.condition or '(warm start)'} | {r.method} | {r.seed} | {r.fit_s:.0f} | {r.eval_s:.0f} | "
+                     f"{_fit_load(plan, r)} | {status} |")  # fmt: skip
     lines += ["", "Commands of one seed (the others differ only in the seed and folders):", "", "```"]
     seed, condition = plan.seeds[0], plan.conditions[0]
     lines.append(_relative(cli_command(plan.fit_argv("", SFT, seed))))
@@ -500,7 +525,12 @@ def _condition_section(plan, condition, domains, scores, done, rows_csv, out) ->
         if c != condition:
             continue
         values = {}
-        for name, key in (("test", "accuracy"), ("test_t1", "accuracy"), ("test_t1", "varied"), ("test_t1", "in_labels")):
+        for name, key in (
+            ("test", "accuracy"),
+            ("test_t1", "accuracy"),
+            ("test_t1", "varied"),
+            ("test_t1", "in_labels"),
+        ):
             for k, v in summary(sc[name], domains, key).items():
                 values[f"{'greedy' if name == 'test' else 't1'}_{key}/{k}"] = v
         per[m, s] = values
@@ -514,7 +544,9 @@ def _condition_section(plan, condition, domains, scores, done, rows_csv, out) ->
     def table(prefix: str, title: str) -> list[str]:
         rows = [f"### {title}", "", "| method | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
         for m in methods:
-            cells = [fmt_mean([per[m, s][f"{prefix}/{c}"] for s in plan.seeds if (m, s) in per]) for c in cols]
+            cells = [
+                fmt_mean([per[m, s][f"{prefix}/{c}"] for s in plan.seeds if (m, s) in per]) for c in cols
+            ]
             if any(c != "n/a" for c in cells):
                 rows.append(f"| {m} | " + " | ".join(cells) + " |")
         return rows + [""]
@@ -536,32 +568,42 @@ def _condition_section(plan, condition, domains, scores, done, rows_csv, out) ->
                 rows.append(f"| {m} | " + " | ".join(cells) + " |")
         return rows + [""]
 
-    lines += ["Accuracy = share of held-out answers that are exactly right (200 records per domain; "
-              f"greedy: one answer per record; T = 1: {T1_SAMPLES} samples per record). Mean ± std over seeds.", ""]
+    lines += [
+        (
+            "Accuracy = share of held-out answers that are exactly right (200 records per domain; "
+            f"greedy: one answer per record; T = 1: {T1_SAMPLES} samples per record). Mean ± std over seeds."
+        ),
+        "",
+    ]
     lines += table("greedy_accuracy", "Held-out accuracy, greedy (primary)")
     lines += paired("greedy_accuracy", "grpo", "Paired difference to GRPO, greedy accuracy")
     lines += paired("greedy_accuracy", SFT, "Paired difference to the warm start (SFT), greedy accuracy")
     lines += table("t1_accuracy", f"Held-out accuracy at temperature 1 ({T1_SAMPLES} samples per record)")
     lines += paired("t1_accuracy", "grpo", "Paired difference to GRPO, accuracy at T = 1")
     lines += paired("t1_accuracy", SFT, "Paired difference to the warm start (SFT), accuracy at T = 1")
-    lines += table("t1_varied", "Precondition: share of held-out records whose T = 1 samples differ in accuracy "
-                   "(the groups GRPO/DRPO learn from; the sft row is the warm start)")
+    lines += table(
+        "t1_varied",
+        "Precondition: share of held-out records whose T = 1 samples differ in accuracy "
+        "(the groups GRPO/DRPO learn from; the sft row is the warm start)",
+    )
     lines += table("t1_in_labels", "Share of T = 1 answers that are one of the domain's labels")
     curves = {(m, s): trace_curves(plan.run_dir(condition, m, s), _labels(domains)) for m in plan.methods
               for s in plan.seeds if (m, s) in per}  # fmt: skip
     if curves:
         name = f"curves_{condition}.png"
         _plot_per_domain(out / name, plan, domains, curves, "acc", "training accuracy (trailing mean)")
-        lines += [f"### Learning curves", "", f"![training accuracy per domain and method]({name})", ""]
+        lines += ["### Learning curves", "", f"![training accuracy per domain and method]({name})", ""]
         lines += _advantage_table(plan, domains, curves)
         diag = f"diagnostics_{condition}.png"
-        scales = {(m, s): drpo_scales(plan.run_dir(condition, m, s)) for (m, s) in curves if m.startswith("drpo")}
+        scales = {
+            (m, s): drpo_scales(plan.run_dir(condition, m, s)) for (m, s) in curves if m.startswith("drpo")
+        }
         _plot_diagnostics(out / diag, plan, domains, curves, scales)
         lines += _damping_table(scales)
         lines += ["### Diagnostics (rare domains)", "",
-                  "Per rare domain and rollout step, mean over seeds: mean |advantage| of its responses, DRPO's "
-                  "T_d and mean T_c (from `metrics.csv`), and the share of its sampled answers per label "
-                  "(GRPO vs DRPO).", "", f"![diagnostics]({diag})", ""]  # fmt: skip
+                  ("Per rare domain and rollout step, mean over seeds: mean |advantage| of its responses, DRPO's "
+                   "T_d and mean T_c (from `metrics.csv`), and the share of its sampled answers per label "
+                   "(GRPO vs DRPO)."), "", f"![diagnostics]({diag})", ""]  # fmt: skip
     return lines
 
 
@@ -574,8 +616,8 @@ def _labels(domains: Domains) -> dict[str, Sequence[str]]:
 
 def _advantage_table(plan, domains, curves) -> list[str]:
     rows = ["### Advantage mass per domain", "",
-            "Mean |advantage| of a response (over the steps where the domain was in the batch) and the domain's "
-            "share of the summed |advantage| (last row: its share of the responses), mean over seeds.", "",
+            ("Mean |advantage| of a response (over the steps where the domain was in the batch) and the domain's "
+             "share of the summed |advantage| (last row: its share of the responses), mean over seeds."), "",
             "| method | " + " | ".join(domains.names) + " |", "|---|" + "---|" * len(domains.names)]  # fmt: skip
     shares_n: dict[str, list[float]] = defaultdict(list)
     for m in plan.methods:
@@ -584,7 +626,10 @@ def _advantage_table(plan, domains, curves) -> list[str]:
             continue
         mags, shares = defaultdict(list), defaultdict(list)
         for c in runs:
-            mass = {d: sum(c.get(f"adv/{d}", {}).get(t, 0.0) * n for t, n in c.get(f"n/{d}", {}).items()) for d in domains.names}
+            mass = {
+                d: sum(c.get(f"adv/{d}", {}).get(t, 0.0) * n for t, n in c.get(f"n/{d}", {}).items())
+                for d in domains.names
+            }
             total = sum(mass.values()) or 1.0
             count = {d: sum(c.get(f"n/{d}", {}).values()) for d in domains.names}
             for d in domains.names:
@@ -593,11 +638,23 @@ def _advantage_table(plan, domains, curves) -> list[str]:
                 shares[d].append(mass[d] / total)
                 if m == plan.methods[0]:
                     shares_n[d].append(count[d] / (sum(count.values()) or 1.0))
-        rows.append(f"| {m} | " + " | ".join(
-            f"{statistics.fmean(mags[d]) if mags[d] else math.nan:.2f} ({statistics.fmean(shares[d]):.0%})" for d in domains.names) + " |")
-    rows.append("| (share of responses) | " + " | ".join(f"{statistics.fmean(shares_n[d]) if shares_n[d] else math.nan:.1%}" for d in domains.names) + " |")
-    rows += ["", "Mean over a domain's groups of the *sum* of the group's advantages (GRPO: 0; a negative value is a "
-             "net push away from every sampled answer of the group):", "",
+        rows.append(
+            f"| {m} | "
+            + " | ".join(
+                f"{statistics.fmean(mags[d]) if mags[d] else math.nan:.2f} ({statistics.fmean(shares[d]):.0%})"
+                for d in domains.names
+            )
+            + " |"
+        )
+    rows.append(
+        "| (share of responses) | "
+        + " | ".join(
+            f"{statistics.fmean(shares_n[d]) if shares_n[d] else math.nan:.1%}" for d in domains.names
+        )
+        + " |"
+    )
+    rows += ["", ("Mean over a domain's groups of the *sum* of the group's advantages (GRPO: 0; a negative value is a "
+                  "net push away from every sampled answer of the group):"), "",
              "| method | " + " | ".join(domains.names) + " |", "|---|" + "---|" * len(domains.names)]  # fmt: skip
     for m in plan.methods:
         runs = [c for (mm, _), c in curves.items() if mm == m]
@@ -615,11 +672,13 @@ def _damping_table(scales) -> list[str]:
     for m in sorted({m for m, _ in scales}):
         ts = [v for (mm, _), sc in scales.items() if mm == m for v in sc.get("damping_t", {}).values()]
         if ts:
-            rows.append(f"| {m} | {len(ts)} | {statistics.fmean(t == 0.0 for t in ts):.0%} | {statistics.median(ts):.3g} |")
+            rows.append(
+                f"| {m} | {len(ts)} | {statistics.fmean(t == 0.0 for t in ts):.0%} | {statistics.median(ts):.3g} |"
+            )
     if not rows:
         return []
-    return ["DRPO's KL damping threshold t (the 75 % quantile of max(s~ * KL, 0) over the batch) per optimizer-log "
-            "row, over seeds; where t = 0 every positive advantage of the batch is zeroed:", "",
+    return [("DRPO's KL damping threshold t (the 75 % quantile of max(s~ * KL, 0) over the batch) per optimizer-log "
+             "row, over seeds; where t = 0 every positive advantage of the batch is zeroed:"), "",
             "| method | logged steps | share with t = 0 | median t |", "|---|---|---|---|", *rows, ""]  # fmt: skip
 
 
@@ -690,7 +749,9 @@ def _plot_diagnostics(path: Path, plan: Plan, domains: Domains, curves, scales) 
         ax.grid(alpha=0.3)
         for k, m in enumerate(methods):
             ax = fig.add_subplot(n_rows, len(rare), (2 + k) * len(rare) + i + 1)
-            labels = sorted({key.split("/", 2)[2] for c in curves.values() for key in c if key.startswith(f"label/{d}/")})
+            labels = sorted(
+                {key.split("/", 2)[2] for c in curves.values() for key in c if key.startswith(f"label/{d}/")}
+            )
             for label in labels:
                 runs = [c.get(f"label/{d}/{label}", {}) for (mm, _), c in curves.items() if mm == m]
                 present = [{t: r.get(t, 0.0) for t in c.get(f"n/{d}", {})} for r, c in
@@ -711,6 +772,29 @@ def _write_csv(path: Path, rows: Sequence[Mapping]) -> None:
         writer = csv.DictWriter(f, fieldnames=names)
         writer.writeheader()
         writer.writerows(rows)
+
+
+def _span(plan: Plan, runs: Sequence[Run]) -> float:
+    """Seconds from the earliest fit start to the latest evaluation end among ``runs`` (marker files)."""
+    starts, ends = [], []
+    for r in runs:
+        run_dir = plan.run_dir(r.condition, r.method, r.seed)
+        fit = run_dir / "fit.json"
+        if fit.is_file():
+            starts.append(fit.stat().st_mtime - json.loads(fit.read_text())["wall_s"])
+        ends += [m.stat().st_mtime for m in run_dir.glob("test*.json")]
+    return max(ends) - min(starts) if starts and ends else 0.0
+
+
+def _fit_commit(plan: Plan, r: Run) -> str:
+    fit = plan.run_dir(r.condition, r.method, r.seed) / "fit.json"
+    return (json.loads(fit.read_text()).get("commit") if fit.is_file() else None) or "commit not recorded"
+
+
+def _fit_load(plan: Plan, r: Run) -> str:
+    fit = plan.run_dir(r.condition, r.method, r.seed) / "fit.json"
+    load = json.loads(fit.read_text()).get("load") if fit.is_file() else None
+    return _load(load) if load else ""
 
 
 def _relative(command: str) -> str:
@@ -734,17 +818,32 @@ def _commit() -> str:
 
 # ------------------------------------------------------------------------------------------- main
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m experiments.run_benchmark_v2", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.run_benchmark_v2", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--conditions", nargs="+", default=["easy_head"], choices=list(CONDITIONS))
-    p.add_argument("--steps", type=int, default=None, help="RL optimizer steps (default: configs/benchmark_v2.yaml)")
-    p.add_argument("--sft-steps", type=int, default=None, help="warm-start steps (default: configs/benchmark_v2_sft.yaml)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="RL optimizer steps (default: configs/benchmark_v2.yaml)"
+    )
+    p.add_argument(
+        "--sft-steps",
+        type=int,
+        default=None,
+        help="warm-start steps (default: configs/benchmark_v2_sft.yaml)",
+    )
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     p.add_argument("--root", type=Path, default=None, help="runs folder (default runs/benchmark_v2)")
-    p.add_argument("--results", type=Path, default=None, help="report folder (default experiments/results/benchmark_v2)")
-    p.add_argument("--eval-batches", type=int, default=None, help="held-out batches of 100 per evaluation (default all)")
-    p.add_argument("--smoke", action="store_true", help="3 warm-start and 2 RL steps, 1 held-out batch (checks)")
+    p.add_argument(
+        "--results", type=Path, default=None, help="report folder (default experiments/results/benchmark_v2)"
+    )
+    p.add_argument(
+        "--eval-batches", type=int, default=None, help="held-out batches of 100 per evaluation (default all)"
+    )
+    p.add_argument(
+        "--smoke", action="store_true", help="3 warm-start and 2 RL steps, 1 held-out batch (checks)"
+    )
     p.add_argument("--report-only", action="store_true", help="only tabulate the runs that have finished")
     return p.parse_args(argv)
 
@@ -753,7 +852,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run (or with ``--report-only`` tabulate) the comparison; returns 1 if any run failed."""
     args = parse_args(argv)
     if args.smoke:
-        args.steps, args.sft_steps, args.eval_batches = args.steps or 2, args.sft_steps or 3, args.eval_batches or 1
+        args.steps, args.sft_steps, args.eval_batches = (
+            args.steps or 2,
+            args.sft_steps or 3,
+            args.eval_batches or 1,
+        )
     plan = Plan(methods=tuple(args.methods), seeds=tuple(args.seeds), conditions=tuple(args.conditions),
                 steps=args.steps, sft_steps=args.sft_steps, jobs=args.jobs, eval_batches=args.eval_batches,
                 root=(args.root or ROOT / "runs" / "benchmark_v2").resolve(),
@@ -761,7 +864,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for m in plan.methods:
         if not (ROOT / "configs" / "algorithm" / f"{m}.yaml").is_file():
             raise SystemExit(f"unknown method {m!r}: no configs/algorithm/{m}.yaml")
-    command = "python -m experiments.run_benchmark_v2 " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    command = "python -m experiments.run_benchmark_v2 " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
+    )
     start, load_start, commit = time.perf_counter(), os.getloadavg(), _commit()
     if not args.report_only:
         for condition in plan.conditions:  # once, here: parallel runs would otherwise build it side by side

@@ -60,7 +60,9 @@ class LRSchedule:
         """A Lightning ``lr_scheduler`` entry (stepped every optimizer step)."""
         total = self.total_steps or total_steps
         if total is None or total < 1:
-            raise ValueError("LRSchedule: set total_steps or the trainer's max_steps (the decay needs an end)")
+            raise ValueError(
+                "LRSchedule: set total_steps or the trainer's max_steps (the decay needs an end)"
+            )
         lambda_ = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.factor(step, total))
         return {"scheduler": lambda_, "interval": "step", "frequency": 1}
 

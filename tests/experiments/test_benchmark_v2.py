@@ -86,7 +86,11 @@ def _data(name: str) -> dict:
 
 
 def test_v2_data_files_differ_only_where_they_say() -> None:
-    rl, sft, noisy = _data("benchmark_v2.yaml"), _data("benchmark_v2_sft.yaml"), _data("benchmark_v2_noisy_head.yaml")
+    rl, sft, noisy = (
+        _data("benchmark_v2.yaml"),
+        _data("benchmark_v2_sft.yaml"),
+        _data("benchmark_v2_noisy_head.yaml"),
+    )
     assert {k for k in rl if rl[k] != sft[k]} == {"train_split"} and sft["train_split"] == "sft"
     assert {k for k in rl if rl[k] != noisy[k]} == {"label_noise"}
     counts = rl["counts"]
@@ -103,20 +107,24 @@ def test_v2_stages_share_one_policy_and_write_the_reward() -> None:
 
 
 def test_runner_commands_set_only_the_run_seed(tmp_path: Path) -> None:
-    plan = v2.Plan(methods=("grpo", "drpo"), seeds=(3,), conditions=("easy_head", "noisy_head"), root=tmp_path)
+    plan = v2.Plan(
+        methods=("grpo", "drpo"), seeds=(3,), conditions=("easy_head", "noisy_head"), root=tmp_path
+    )
     fit = plan.fit_argv("noisy_head", "drpo", 3)
     assert fit[fit.index("--seed_everything") + 1] == "3"
     assert not [a for a in fit if a.startswith("--") and "seed" in a and a != "--seed_everything"]
     assert fit[fit.index("--model.init_args.init_policy_from") + 1] == str(plan.sft_checkpoint(3))
     assert "configs/data/benchmark_v2_noisy_head.yaml" in fit
     assert fit.index("configs/data/benchmark_v2_noisy_head.yaml") < fit.index("configs/algorithm/drpo.yaml")
-    assert plan.run_dir("easy_head", "sft", 3) == plan.run_dir("noisy_head", "sft", 3)  # one warm start per seed
+    assert plan.run_dir("easy_head", "sft", 3) == plan.run_dir(
+        "noisy_head", "sft", 3
+    )  # one warm start per seed
     t1 = plan.test_argv("easy_head", "grpo", 3, "test_t1")
     assert "{n: 4, max_new_tokens: 32, temperature: 1.0, seed: 3}" in t1
 
 
 def test_statistics_by_hand(tmp_path: Path) -> None:
-    mean, lo, hi = v2.interval([0.1, 0.2, 0.3])
+    mean, _, hi = v2.interval([0.1, 0.2, 0.3])
     assert mean == pytest.approx(0.2) and hi - mean == pytest.approx(4.303 * 0.1 / 3**0.5)
     assert v2.fmt_interval([0.2, 0.25, 0.3]).endswith("* (n=3)")
     assert "*" not in v2.fmt_interval([-0.1, 0.2, 0.3])
@@ -128,6 +136,14 @@ def test_statistics_by_hand(tmp_path: Path) -> None:
         for p, a, pred in rows))  # fmt: skip
     scores = v2.eval_scores(report)["ct"]
     assert scores == {"accuracy": 0.75, "in_labels": 1.0, "varied": 0.5, "records": 2.0}
-    domains = v2.Domains(("ct", "mri", "mammography"), {"ct": 50, "mri": 1, "mammography": 5}, ("mri",), ("mammography",))
-    s = v2.summary({"ct": {"accuracy": 0.8}, "mri": {"accuracy": 0.2}, "mammography": {"accuracy": 0.0}}, domains)
-    assert s["macro"] == pytest.approx(0.5) and s["rare"] == pytest.approx(0.2) and s["worst"] == pytest.approx(0.2)
+    domains = v2.Domains(
+        ("ct", "mri", "mammography"), {"ct": 50, "mri": 1, "mammography": 5}, ("mri",), ("mammography",)
+    )
+    s = v2.summary(
+        {"ct": {"accuracy": 0.8}, "mri": {"accuracy": 0.2}, "mammography": {"accuracy": 0.0}}, domains
+    )
+    assert (
+        s["macro"] == pytest.approx(0.5)
+        and s["rare"] == pytest.approx(0.2)
+        and s["worst"] == pytest.approx(0.2)
+    )

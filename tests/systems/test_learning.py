@@ -55,7 +55,9 @@ def _write(root: Path, split: str, counts: dict[str, int], seed: int, random_ans
         question, labels, colours = TASKS[domain]
         for i in range(n):
             k = i % 2
-            pixels = np.clip(np.array(colours[k]) + rng.normal(0, 12, (SIZE, SIZE, 3)), 0, 255).astype(np.uint8)
+            pixels = np.clip(np.array(colours[k]) + rng.normal(0, 12, (SIZE, SIZE, 3)), 0, 255).astype(
+                np.uint8
+            )
             path = root / "files" / f"{domain}-{split}-{i}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(pixels).save(path)
@@ -84,7 +86,9 @@ def _policy() -> Policy:
     corpus += [f"\\boxed{{{x}}}" for _, labels, _ in TASKS.values() for x in labels]
     vit = {"depth": 1, "embed_dim": 32, "num_heads": 1, "patch_size": 8, "mlp_ratio": 2.0}
     return Policy(
-        lm=TinyLM(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, vocab_size=1024, extra_corpus=corpus),
+        lm=TinyLM(
+            hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, vocab_size=1024, extra_corpus=corpus
+        ),
         encoders={"image": VisionEncoder(image_size=SIZE, backbone_kwargs=vit)},
         projector=FusionProjector(in_dims={"image": 32}, hidden_size=64, tokens_per_item={"image": 2}),
         system_prompt=None,
@@ -131,8 +135,9 @@ def _warm_start(policy: Policy, manifest: Path, seed: int) -> None:
                 break
 
 
-def learning_gain(task: dict[str, Path], root: Path, advantage, seed: int, rl_steps: int = RL_STEPS,
-                  lr: float = RL_LR) -> tuple[dict, dict]:
+def learning_gain(
+    task: dict[str, Path], root: Path, advantage, seed: int, rl_steps: int = RL_STEPS, lr: float = RL_LR
+) -> tuple[dict, dict]:
     """Held-out accuracy per domain after the warm start and after ``rl_steps`` RL batches, under ``seed``."""
     L.seed_everything(seed, verbose=False)
     policy = _policy()
