@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from qoq.models.builders import BuiltLM, LMBuilder, _dtype
 from qoq.models.encoders import ECGEncoder, ModalityEncoder
-from qoq.models.policy import DEFAULT_SYSTEM_PROMPT, Policy
+from qoq.models.policy import Policy, PolicyOptions
 from qoq.models.projector import FusionProjector
 from qoq.types import PromptBatch
 
@@ -486,14 +486,9 @@ class QwenVLPolicy(Policy):
         lm: a Qwen2.5-VL builder (:class:`TinyQwen2_5_VL`, :class:`PretrainedQwen2_5_VL`).
         ecg: the ECG encoder (the paper: ECG-JEPA, 8 leads x 2500 samples); None: images and text only.
         image_size: image side fed to the tower (multiple of 28; 28 * 28 pixels per LM token).
-        lora: peft LoRA arguments (see :class:`~qoq.models.Policy`); None trains the full LM.
-        quantization: "8bit" / "4bit" for the LM (QLoRA); the vision parts stay unquantized.
-        freeze: submodules to freeze ("lm", "encoders", "encoders.image", "encoders.ecg", "projector").
-        system_prompt: the system turn.
-        lr: learning rate of the policy's own (SFT) stage.
-        weight_decay: weight decay of that stage.
-        max_prompt_tokens: longest allowed prompt in embeddings.
-        share_prompts: log-prob passes run each prompt once (see :class:`~qoq.models.Policy`).
+        options: LoRA, quantization ("8bit" / "4bit" for the LM; the vision parts stay unquantized),
+            freezing ("lm", "encoders", "encoders.image", "encoders.ecg", "projector"), system prompt, the SFT
+            stage's optimizer, prompt limits (:class:`~qoq.models.policy.PolicyOptions`).
     """
 
     def __init__(
@@ -501,14 +496,7 @@ class QwenVLPolicy(Policy):
         lm: Qwen2_5_VLBuilder,
         ecg: ECGEncoder | None = None,
         image_size: int = 448,
-        lora: dict[str, Any] | None = None,
-        quantization: Literal["8bit", "4bit"] | None = None,
-        freeze: Sequence[str] = (),
-        system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
-        lr: float = 1e-5,
-        weight_decay: float = 0.0,
-        max_prompt_tokens: int | None = None,
-        share_prompts: bool = True,
+        options: PolicyOptions | None = None,
     ) -> None:
         config = lm.vl_config()
         vision = config.vision_config
@@ -527,19 +515,7 @@ class QwenVLPolicy(Policy):
         projector = QwenVLProjector(
             encoders["image"].out_dim, hidden, ecg.out_dim if ecg is not None else None
         )
-        super().__init__(
-            lm,
-            encoders=encoders,
-            projector=projector,
-            lora=lora,
-            quantization=quantization,
-            freeze=freeze,
-            system_prompt=system_prompt,
-            lr=lr,
-            weight_decay=weight_decay,
-            max_prompt_tokens=max_prompt_tokens,
-            share_prompts=share_prompts,
-        )
+        super().__init__(lm, encoders=encoders, projector=projector, options=options)
 
     def configure_model(self) -> None:
         """Build the LM, hand the tower to the image encoder and the merger to the projector, then freeze."""
@@ -570,19 +546,20 @@ class QwenVLPolicy(Policy):
         return super().chat_texts(texts)
 
 
-def tiny_qwen_vl_policy(ecg: bool = True, image_size: int = 56, seed: int = 0, **kwargs: Any) -> QwenVLPolicy:
+def tiny_qwen_vl_policy(ecg: bool = True, image_size: int = 56, seed: int = 0, **options: Any) -> QwenVLPolicy:
     """A tiny random Qwen2.5-VL policy (< 1M parameters) with a small ECG encoder, for tests.
 
     Args:
         ecg: add an 8-lead x 2500-sample ECG encoder (mean-pooled to one token, one Linear).
         image_size: image side (multiple of 28).
         seed: seed of the weights.
-        **kwargs: further :class:`QwenVLPolicy` arguments (``lora``, ``quantization``, ...).
+        **options: :class:`~qoq.models.policy.PolicyOptions` (``lora``, ``quantization``, ...).
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         encoder = ECGEncoder(leads=8, samples=2500, patch_size=50, dim=32, depth=1, heads=1) if ecg else None
-    return QwenVLPolicy(TinyQwen2_5_VL(seed=seed), ecg=encoder, image_size=image_size, **kwargs)
+    lm = TinyQwen2_5_VL(seed=seed)
+    return QwenVLPolicy(lm, ecg=encoder, image_size=image_size, options=PolicyOptions(**options))
 
 
 __all__ = [
