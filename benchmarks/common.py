@@ -317,10 +317,9 @@ def tiny_policy_lm(lm: dict[str, Any], system_prompt: str | None | bool = True) 
         lm: ``TinyLM`` arguments (``hidden_size``, ``num_layers``, ...).
         system_prompt: True keeps the policy's default system turn; None drops it; a string replaces it.
     """
-    from qoq.models import Policy, TinyLM
+    from qoq.testing import tiny_text_policy
 
-    kwargs = {} if system_prompt is True else {"system_prompt": system_prompt}
-    return Policy(TinyLM(**lm), **kwargs)
+    return tiny_text_policy(lm, **({} if system_prompt is True else {"system_prompt": system_prompt}))
 
 
 def count_params(model: Any) -> int:
@@ -371,18 +370,13 @@ def bare_trainer(
     """A Lightning ``Trainer`` that drives a system as a real run does (one device, fp32 unless ``precision``
     says otherwise, the module's own logging every step), minus checkpoints, progress bar, logger files and
     validation."""
-    import lightning as L
+    from qoq.testing import quiet_trainer
 
-    return L.Trainer(
+    return quiet_trainer(
+        steps,
         accelerator=accelerator,
         devices=1,
         precision=precision,
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
         limit_val_batches=0,
         log_every_n_steps=1,
         default_root_dir=str(root),
