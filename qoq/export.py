@@ -68,7 +68,8 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, adapter_only: 
         _add_default_system_turn(out / "lm", policy.system_prompt)
         lm_args = {"path": "lm", "dtype": dtype, "tokenizer_class": _faithful_tokenizer_class(out / "lm", policy.tokenizer)}
         init["lm"] = {"class_path": "qoq.models.PretrainedLM", "init_args": lm_args}
-        init["options"] = {**(init.get("options") or {}), "lora": None, "quantization": None}  # merged, full precision
+        merged = {"lora": None, "quantization": None}  # the LM is saved merged, in full precision
+        init["options"] = {**(init.get("options") or {}), **merged}
         lm_files = "lm/"
     extra = {
         f"{part}.{name}": t.detach().cpu().contiguous()

@@ -74,7 +74,7 @@ def shared_prompt_logits(
     lengths = torch.tensor([len(e) for e in prompts], device=device)  # [U]
     if int(lengths.min()) < 1:
         raise ValueError("response_logprobs: an empty prompt (every prompt needs >= 1 embedding)")
-    response_embeds = lm.get_input_embeddings()(response_ids[:, :-1])  # [N, R-1, H]: the last is never an input
+    response_embeds = lm.get_input_embeddings()(response_ids[:, :-1])  # [N, R-1, H]: the last is no input
     dtype = response_embeds.dtype
     last = torch.stack([e[-1] for e in prompts]).to(dtype)  # [U, H]
     width = int(lengths.max()) - 1  # prefix (prompt minus its last token) width W
