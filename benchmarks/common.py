@@ -19,6 +19,7 @@ Nothing here asserts a timing: benchmarks print numbers and ratios.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import importlib.metadata
@@ -491,6 +492,21 @@ def fit_grpo(
 
 
 # --------------------------------------------------------------------------------------- result files
+
+
+def command_line(description: str, smoke: str) -> argparse.ArgumentParser:
+    """A benchmark's command line: ``--smoke`` (``smoke`` says what it then runs) and ``--out`` (JSON)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--smoke", action="store_true", help=smoke)
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    return parser
+
+
+def finish(results: Any, out: Path | None, render: Any) -> None:
+    """Write ``results`` as JSON to ``out`` (when given) and print them as ``render(results)`` shows them."""
+    if out:
+        write_json(out, results)
+    print(render(results))
 
 
 def write_json(path: Path | str, data: Any) -> Path:
