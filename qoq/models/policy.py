@@ -9,6 +9,11 @@ with ``enable_prompt_embeds``), so no custom multimodal model class is required 
 The policy's own training stage is SFT on ``batch.references`` (the paper's SFT baseline). For RL,
 :class:`~qoq.systems.PolicyOptimization` composes it and calls :meth:`Policy.prompt_embeds`,
 :meth:`Policy.response_logprobs`, :meth:`Policy.reference_mode` and :meth:`Policy.lm_weights_for_sync`.
+
+:class:`Policy` builds and owns the parts (quantization, LoRA, freezing) and is the entry point; the work
+lives beside it as functions: :mod:`qoq.models.prompts` (projection and splicing),
+:mod:`qoq.models.logprobs` (response log-probabilities), :mod:`qoq.models.weights` (weights for rollout
+engines: LoRA merged, bitsandbytes dequantized). Its settings are one :class:`PolicyOptions`.
 """
 
 from __future__ import annotations
@@ -16,7 +21,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 
-from qoq.models import logprobs, weights
+from qoq.models import logprobs, prompts, weights
 from qoq.models.builders import LMBuilder, TinyLM
 from qoq.models.encoders import ECGEncoder, ModalityEncoder, VisionEncoder, VolumeEncoder
 from qoq.models.optim import LRSchedule, decay_groups
@@ -40,8 +44,6 @@ from qoq.types import PLACEHOLDERS, PromptBatch
 #: :data:`qoq.rl.rewards.RESPONSE_FORMAT` to every user message (one home for the prompt contract).
 DEFAULT_SYSTEM_PROMPT = "You are a clinical assistant."
 
-_PLACEHOLDER_RE = re.compile("|".join(re.escape(p) for p in PLACEHOLDERS.values()))
-_KIND_OF = {placeholder: kind for kind, placeholder in PLACEHOLDERS.items()}
 _ALIASES = {"lm": "language_model"}
 
 
@@ -308,37 +310,6 @@ class Policy(L.LightningModule):
         """``(item kind, encoder, projector kind)`` of every way items are encoded, in one fixed order."""
         return [(kind, kind, kind) for kind in self.encoders]
 
-    def _projected_items(self, batch: PromptBatch) -> tuple[dict[str, Tensor], Tensor | None]:
-        """kind -> projected tokens ``[M, T', H]`` of that kind's items, and a zero anchor or None.
-
-        Under data parallelism (``torch.distributed`` with several ranks) every encoder path runs at every
-        call, in the same order on every rank: on an all-zero :meth:`~ModalityEncoder.dummy_input` where
-        the batch has no item of its kind. Sharded ranks (FSDP) then run the same all-gathers and, through
-        the anchor (0 x the dummy outputs, added to the first prompt), the same reduce-scatters, whichever
-        modalities their prompts hold; otherwise a text-only rank next to an image rank desynchronises
-        the collectives (a crash on gloo, a hang on NCCL).
-        """
-        paths = self._encoder_paths()
-        for kind, items in batch.modalities.items():
-            if len(items.values) and kind not in {k for k, _, _ in paths}:
-                raise ValueError(
-                    f"batch has {len(items.values)} {kind!r} item(s) "
-                    f"(records {_ids_of(batch, items.owner)}) but "
-                    f"the policy has no {kind!r} encoder (it has {sorted(self.encoders) or 'none'})"
-                )
-        every = _data_parallel()
-        out: dict[str, Tensor] = {}
-        anchor: Tensor | None = None
-        for kind, encoder, projection in paths:
-            items = batch.modalities.get(kind)
-            if items is not None and len(items.values):
-                out[kind] = self.projector(projection, self.encoders[encoder](items.values))
-            elif every:
-                module = self.encoders[encoder]
-                dummy = self.projector(projection, module(module.dummy_input()))
-                anchor = dummy.sum() * 0.0 if anchor is None else anchor + dummy.sum() * 0.0
-        return out, anchor
-
     def prompt_embeds(self, batch: PromptBatch) -> list[Tensor]:
         """Embed each prompt with its modality items spliced in at the placeholders.
 
@@ -353,51 +324,12 @@ class Policy(L.LightningModule):
             ValueError: a prompt's placeholders and items do not match, items of a kind have no encoder, or
                 a prompt exceeds ``max_prompt_tokens``.
         """
-        tok = self.tokenizer
-        projected, anchor = self._projected_items(batch)
-        items_of: dict[str, list[list[int]]] = {k: [[] for _ in range(len(batch))] for k in PLACEHOLDERS}
-        for kind, items in batch.modalities.items():
-            for m, p in enumerate(items.owner.tolist()):
-                if not 0 <= p < len(batch):
-                    raise ValueError(
-                        f"{kind!r} item {m} has owner {p} outside the batch of {len(batch)} prompts"
-                    )
-                items_of.setdefault(kind, [[] for _ in range(len(batch))])[p].append(m)
-
+        projected, anchor = prompts.project_items(batch, self.encoders, self.projector, self._encoder_paths())
         texts = self.chat_texts(batch.texts)
-        pieces = [_PLACEHOLDER_RE.split(text) for text in texts]  # P x (n_placeholders + 1) strings
-        flat = [piece for row in pieces for piece in row]
-        ids = tok(flat, add_special_tokens=False)["input_ids"]
-        lengths = [len(x) for x in ids]
-        table = self.embed_ids(
-            torch.tensor([i for x in ids for i in x], dtype=torch.long, device=self.lm_device)
+        out = prompts.splice(
+            batch, texts, self.tokenizer, self.embed_ids, self.lm_device, projected, self.max_prompt_tokens
         )
-        text_embeds = list(table.split(lengths))  # one [len, H] per piece
-
-        out = []
-        for p, text in enumerate(texts):
-            placeholders = _PLACEHOLDER_RE.findall(text)
-            for kind, placeholder in PLACEHOLDERS.items():
-                have, want = len(items_of[kind][p]), placeholders.count(placeholder)
-                if have != want:
-                    raise ValueError(
-                        f"prompt {batch.ids[p]!r}: {want} {placeholder} placeholder(s) "
-                        f"but {have} {kind!r} item(s)"
-                    )
-            taken = {kind: iter(items_of[kind][p]) for kind in PLACEHOLDERS}
-            parts = [text_embeds.pop(0)]
-            for placeholder in placeholders:
-                kind = _KIND_OF[placeholder]
-                parts.append(projected[kind][next(taken[kind])].to(table.dtype))
-                parts.append(text_embeds.pop(0))
-            embeds = torch.cat(parts)  # [L_p, H]
-            if self.max_prompt_tokens is not None and len(embeds) > self.max_prompt_tokens:
-                raise ValueError(
-                    f"prompt {batch.ids[p]!r}: {len(embeds)} embeddings "
-                    f"> max_prompt_tokens={self.max_prompt_tokens}"
-                )
-            out.append(embeds)
-        if anchor is not None:  # keeps every encoder in the graph on every rank (see _projected_items)
+        if anchor is not None:  # keeps every encoder in the graph on every rank (see prompts.project_items)
             out[0] = out[0] + anchor.to(out[0].dtype)
         return out
 
@@ -567,16 +499,6 @@ class Policy(L.LightningModule):
             return optimizer
         total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else None
         return {"optimizer": optimizer, "lr_scheduler": self.lr_schedule.scheduler(optimizer, total)}
-
-
-def _data_parallel() -> bool:
-    """Whether this process is one of several ``torch.distributed`` ranks."""
-    dist = torch.distributed
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _ids_of(batch: PromptBatch, owner: Tensor) -> list[str]:
-    return sorted({batch.ids[p] for p in owner.tolist() if 0 <= p < len(batch)})[:3]
 
 
 def tiny_policy(
