@@ -95,6 +95,12 @@ class _Option:
     def __get__(self, policy: Any, owner: type | None = None) -> Any:
         return self if policy is None else getattr(policy.options, self.name)
 
+    def __set__(self, policy: Any, value: Any) -> None:
+        raise AttributeError(
+            f"Policy.{self.name} is read from policy.options (frozen): "
+            f"policy.options = dataclasses.replace(policy.options, {self.name}=...)"
+        )
+
 
 class Policy(L.LightningModule):
     """A causal LM with modality encoders and a fusion projector; its own stage is SFT.
