@@ -19,6 +19,7 @@ Nothing here asserts a timing: benchmarks print numbers and ratios.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import importlib.metadata
@@ -317,10 +318,9 @@ def tiny_policy_lm(lm: dict[str, Any], system_prompt: str | None | bool = True) 
         lm: ``TinyLM`` arguments (``hidden_size``, ``num_layers``, ...).
         system_prompt: True keeps the policy's default system turn; None drops it; a string replaces it.
     """
-    from qoq.models import Policy, TinyLM
+    from qoq.testing import tiny_text_policy
 
-    kwargs = {} if system_prompt is True else {"system_prompt": system_prompt}
-    return Policy(TinyLM(**lm), **kwargs)
+    return tiny_text_policy(lm, **({} if system_prompt is True else {"system_prompt": system_prompt}))
 
 
 def count_params(model: Any) -> int:
@@ -371,18 +371,13 @@ def bare_trainer(
     """A Lightning ``Trainer`` that drives a system as a real run does (one device, fp32 unless ``precision``
     says otherwise, the module's own logging every step), minus checkpoints, progress bar, logger files and
     validation."""
-    import lightning as L
+    from qoq.testing import quiet_trainer
 
-    return L.Trainer(
+    return quiet_trainer(
+        steps,
         accelerator=accelerator,
         devices=1,
         precision=precision,
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
         limit_val_batches=0,
         log_every_n_steps=1,
         default_root_dir=str(root),
@@ -497,6 +492,21 @@ def fit_grpo(
 
 
 # --------------------------------------------------------------------------------------- result files
+
+
+def command_line(description: str, smoke: str) -> argparse.ArgumentParser:
+    """A benchmark's command line: ``--smoke`` (``smoke`` says what it then runs) and ``--out`` (JSON)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--smoke", action="store_true", help=smoke)
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    return parser
+
+
+def finish(results: Any, out: Path | None, render: Any) -> None:
+    """Write ``results`` as JSON to ``out`` (when given) and print them as ``render(results)`` shows them."""
+    if out:
+        write_json(out, results)
+    print(render(results))
 
 
 def write_json(path: Path | str, data: Any) -> Path:

@@ -14,15 +14,13 @@ never asserts timings.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from benchmarks import common
 from qoq.rl.advantages import DRPO
 
 HISTORIES = [1_000, 5_000, 20_000, 50_000, 100_000, 200_000]
@@ -124,9 +122,7 @@ def run(
 
 def main() -> None:
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="one short configuration")
-    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser = common.command_line(__doc__.splitlines()[0], "one short configuration")
     parser.add_argument("--step-seconds", type=float, default=0.6, help="reference RL step time (s)")
     parser.add_argument("--prompts", type=int, nargs="+", default=[8], help="prompts per step")
     parser.add_argument("--histories", type=int, nargs="+", default=HISTORIES, help="history lengths")
@@ -134,8 +130,7 @@ def main() -> None:
     args = parser.parse_args()
     results = run(args.smoke, args.step_seconds, args.prompts, args.histories, args.reps)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2))
+        common.write_json(args.out, results)
 
 
 if __name__ == "__main__":

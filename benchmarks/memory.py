@@ -23,7 +23,6 @@ above the allocation at the phase start. The last of ``steps`` steps is reported
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import os
@@ -42,12 +41,13 @@ from benchmarks.common import (
     TextReward,
     apply_env,
     bare_trainer,
+    command_line,
+    finish,
     machine_info,
     markdown_table,
     prompt_batch,
     tiny_policy_lm,
     without_eos,
-    write_json,
 )
 
 PHASES = ("rollout", "logprobs", "update")
@@ -298,14 +298,8 @@ def render(results: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: ``python -m benchmarks.memory [--smoke] [--out results.json]``."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="one tiny configuration per setting")
-    parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
-    args = parser.parse_args(argv)
-    results = run(smoke=args.smoke)
-    print(render(results))
-    if args.out is not None:
-        write_json(args.out, results)
+    args = command_line(__doc__.split("\n\n")[0], "one tiny configuration per setting").parse_args(argv)
+    finish(run(smoke=args.smoke), args.out, render)
     return 0
 
 

@@ -11,7 +11,6 @@ default) and once with HF ``generate`` (``configs/rollout/hf.yaml``), then reads
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import subprocess
@@ -156,14 +155,8 @@ def render(results: dict[str, Any]) -> str:
 
 def main() -> None:
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="the smoke overlay, 2 steps, vLLM only")
-    parser.add_argument("--out", type=Path, help="write the results as JSON here")
-    args = parser.parse_args()
-    results = run(args.smoke)
-    if args.out:
-        common.write_json(args.out, results)
-    print(render(results))
+    args = common.command_line(__doc__.splitlines()[0], "the smoke overlay, 2 steps, vLLM only").parse_args()
+    common.finish(run(args.smoke), args.out, render)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ For each policy size (random-init ``qoq.models.TinyLM``, head_dim >= 32 as vLLM'
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gc
 import sys
@@ -249,18 +248,13 @@ def render(results: dict[str, Any]) -> str:
 
 def main() -> None:
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="one tiny size, one group size")
+    parser = common.command_line(__doc__.splitlines()[0], "one tiny size, one group size")
     parser.add_argument("--sizes", nargs="+", choices=list(SIZES), help="sizes to run (default: all)")
-    parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
     settings = None
     if args.sizes and not args.smoke:
         settings = dataclasses.replace(FULL, sizes=tuple(args.sizes))
-    results = run(args.smoke, settings)
-    if args.out:
-        common.write_json(args.out, results)
-    print(render(results))
+    common.finish(run(args.smoke, settings), args.out, render)
 
 
 if __name__ == "__main__":

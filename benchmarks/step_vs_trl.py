@@ -33,7 +33,6 @@ backend lacks what that sync needs, the arm is reported as not runnable on this 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import subprocess
 import sys
@@ -457,18 +456,13 @@ def render(results: dict[str, Any]) -> str:
 
 def main() -> None:
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny settings, 2 steps per arm")
+    parser = common.command_line(__doc__.splitlines()[0], "tiny settings, 2 steps per arm")
     parser.add_argument("--arm", nargs="+", choices=ARMS, help="run only these arms, in this process")
-    parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
     if args.arm:
         run_arms(args.arm, args.smoke, args.out or Path("step_vs_trl_arms.json"))
         return
-    results = run(args.smoke)
-    if args.out:
-        common.write_json(args.out, results)
-    print(render(results))
+    common.finish(run(args.smoke), args.out, render)
 
 
 if __name__ == "__main__":

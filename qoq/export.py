@@ -20,6 +20,7 @@ import argparse
 import copy
 import importlib
 import json
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,8 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, adapter_only: 
         _add_default_system_turn(out / "lm", policy.system_prompt)
         lm_args = {"path": "lm", "dtype": dtype, "tokenizer_class": _faithful_tokenizer_class(out / "lm", policy.tokenizer)}
         init["lm"] = {"class_path": "qoq.models.PretrainedLM", "init_args": lm_args}
-        init["lora"], init["quantization"] = None, None  # merged, full precision
+        merged = {"lora": None, "quantization": None}  # the LM is saved merged, in full precision
+        init["options"] = {**(init.get("options") or {}), **merged}
         lm_files = "lm/"
     extra = {
         f"{part}.{name}": t.detach().cpu().contiguous()
@@ -132,7 +134,17 @@ def _instantiate(config: dict) -> Any:
 
     module_name, _, class_name = config["class_path"].rpartition(".")
     cls = getattr(importlib.import_module(module_name), class_name)
-    return instantiate_module(cls, copy.deepcopy(config.get("init_args", {})))
+    return instantiate_module(cls, _with_options(copy.deepcopy(config.get("init_args", {}))))
+
+
+def _with_options(init: dict) -> dict:
+    """A policy's init args with the settings of older configs (flat: ``lr``, ``lora``, ...) in ``options``."""
+    from qoq.models.policy import PolicyOptions
+
+    flat = {f.name: init.pop(f.name) for f in fields(PolicyOptions) if f.name in init}
+    if flat:
+        init["options"] = {**flat, **(init.get("options") or {})}
+    return init
 
 
 def load_export(directory: str | Path, map_location: str | torch.device = "cpu") -> Any:

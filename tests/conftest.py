@@ -1,4 +1,5 @@
-"""Test-wide settings: no hub access, small vLLM KV cache, in-process engine, deterministic CPU."""
+"""Test-wide settings (no hub access, small vLLM KV cache, in-process engine, deterministic CPU) and the
+shared fixtures: ``quiet_trainer``, ``fit``, ``make_batch``, ``tiny_text_policy`` (see :mod:`qoq.testing`)."""
 
 import os
 
@@ -12,6 +13,8 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from qoq import testing  # noqa: E402 - after the environment above
+
 
 @pytest.fixture(autouse=True)
 def _seed_and_one_thread():
@@ -22,3 +25,29 @@ def _seed_and_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def quiet_trainer():
+    """The CPU Trainer factory: ``quiet_trainer(max_steps=-1, **trainer_args)`` (no logger, checkpoints,
+    progress bar, summary or sanity validation)."""
+    return testing.quiet_trainer
+
+
+@pytest.fixture
+def fit():
+    """The stand-alone stage runner: ``fit(module, batches, steps, **trainer_args) -> Trainer``."""
+    return testing.fit
+
+
+@pytest.fixture
+def make_batch():
+    """The prompt batch factory: ``make_batch(texts, answers=None, modalities=None, labels=...,
+    references=None, domains=None)``."""
+    return testing.make_batch
+
+
+@pytest.fixture
+def tiny_text_policy():
+    """The text-only tiny policy factory: ``tiny_text_policy(lm=None, **options)`` (unbuilt)."""
+    return testing.tiny_text_policy

@@ -14,7 +14,7 @@ import torch
 
 from qoq.cli import main, run
 from qoq.data import MultiDomainDataModule
-from qoq.export import policy_from_checkpoint
+from qoq.export import _instantiate, policy_from_checkpoint
 from qoq.models import Policy
 from qoq.rl.rollout import HFEngine
 from qoq.types import SamplingParams
@@ -66,7 +66,7 @@ def test_export_round_trip_reproduces_greedy_answers(lora_run: Path, tmp_path: P
     assert "demo set" in card and "not a clinical model" in card and "Policy.from_export" in card
     if adapter_only:
         assert (out / "adapter" / "adapter_config.json").is_file() and not (out / "lm").exists()
-        assert described["init_args"]["lora"] is not None
+        assert described["init_args"]["options"]["lora"] is not None
     else:
         assert described["init_args"]["lm"]["class_path"] == "qoq.models.PretrainedLM" and reloaded.lora is None
 
@@ -84,3 +84,11 @@ def test_export_of_a_missing_checkpoint(tmp_path: Path, capsys) -> None:
     assert "qoq export: error:" in err and "no checkpoint" in err
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         main(["export", "--ckpt_path", str(tmp_path / "none.ckpt"), "--out", str(tmp_path / "x"), "--debug"])
+
+
+def test_a_policy_config_with_flat_options_still_loads() -> None:
+    """Checkpoints and exports written before ``PolicyOptions`` hold the options beside ``lm``."""
+    lm = {"class_path": "qoq.models.TinyLM", "init_args": {"hidden_size": 64, "num_heads": 2, "num_kv_heads": 1}}
+    old = {"class_path": "qoq.models.Policy", "init_args": {"lm": lm, "lr": 0.5, "system_prompt": None}}
+    policy = _instantiate(old)
+    assert policy.lr == 0.5 and policy.system_prompt is None and policy.options.share_prompts

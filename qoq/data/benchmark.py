@@ -60,8 +60,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from qoq.data.adaptive import AdaptiveSampling
-from qoq.data.datamodules import ClinicalDataModule, SamplerMode
+from qoq.data.datamodules import ClinicalDataModule
 from qoq.data.domains import DOMAINS, check_domain
 from qoq.data.manifest import read_manifest, write_manifest
 from qoq.data.records import Record
@@ -617,18 +616,10 @@ class BenchmarkDataModule(ClinicalDataModule):
         label_noise: domain -> fraction of its training records with a wrong answer (a noisy reward).
         train_split: what training batches come from: ``train`` (the RL stream, as unbalanced as
             ``counts``) or ``sft`` (the balanced warm-start pool; needs ``sft_per_domain``).
-        real_only: drop synthetic records (the mammography domain).
-        domains: keep only these domains (None: all of them).
-        batch_size: prompts per training batch (per process).
         val_batch_size: prompts per validation / test batch.
-        image_size: side of the images, in pixels (the benchmark is written at this size).
-        sampler: how training batches mix domains: ``natural``, ``balanced``, ``temperature`` or
-            ``adaptive`` (tilted toward the domains the RL system reports as needing samples).
-        temperature: T of the ``temperature`` sampler.
-        adaptive: settings of the ``adaptive`` sampler; None: defaults.
-        steps_per_epoch: training batches per stream epoch; None means ceil(train records / batch_size).
-        seed: seed of the training stream; None derives it from the run seed (``seed_everything``).
-        num_workers: DataLoader worker processes.
+        **kwargs: :class:`ClinicalDataModule` arguments: ``batch_size``, ``image_size`` (the benchmark is
+            written at this size), ``sampler`` (``natural`` by default: as unbalanced as ``counts``),
+            ``domains``, ``real_only``, ``seed``, ...
     """
 
     def __init__(
@@ -641,17 +632,8 @@ class BenchmarkDataModule(ClinicalDataModule):
         held_out_sources: bool = False,
         label_noise: dict[str, float] | None = None,
         train_split: Literal["train", "sft"] = "train",
-        real_only: bool = False,
-        domains: list[str] | None = None,
-        batch_size: int = 8,
         val_batch_size: int = 64,
-        image_size: int = 64,
-        sampler: SamplerMode = "natural",
-        temperature: float = 2.0,
-        adaptive: AdaptiveSampling | None = None,
-        steps_per_epoch: int | None = None,
-        seed: int | None = None,
-        num_workers: int = 0,
+        **kwargs: Any,
     ) -> None:
         self.root = Path(root).expanduser() if root else default_benchmark_dir()
         if train_split not in ("train", "sft") or (train_split == "sft" and sft_per_domain < 1):
@@ -659,18 +641,9 @@ class BenchmarkDataModule(ClinicalDataModule):
                              f"sft_per_domain >= 1 (got {sft_per_domain})")  # fmt: skip
         super().__init__(
             manifests=[str(self.root / (SFT_MANIFEST if train_split == "sft" else TRAIN_MANIFEST))],
-            real_only=real_only,
-            domains=domains,
-            batch_size=batch_size,
-            val_batch_size=val_batch_size,
-            image_size=image_size,
             val_fraction=0.0,
-            sampler=sampler,
-            temperature=temperature,
-            adaptive=adaptive,
-            steps_per_epoch=steps_per_epoch,
-            seed=seed,
-            num_workers=num_workers,
+            val_batch_size=val_batch_size,
+            **kwargs,
         )
         self.build_seed, self.counts, self.eval_per_domain = build_seed, counts, eval_per_domain
         self.sft_per_domain, self.held_out_sources, self.label_noise = sft_per_domain, held_out_sources, label_noise

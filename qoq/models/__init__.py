@@ -14,7 +14,7 @@ from qoq.models.builders import (
 )
 from qoq.models.encoders import ECGEncoder, ModalityEncoder, VisionEncoder, VolumeEncoder, load_weights
 from qoq.models.optim import LRSchedule, decay_groups
-from qoq.models.policy import DEFAULT_SYSTEM_PROMPT, Policy, tiny_policy
+from qoq.models.policy import DEFAULT_SYSTEM_PROMPT, Policy, PolicyOptions, tiny_policy
 from qoq.models.projector import FusionProjector
 from qoq.models.tokenizer import build_tokenizer
 
@@ -26,6 +26,7 @@ __all__ = [
     "LMBuilder",
     "ModalityEncoder",
     "Policy",
+    "PolicyOptions",
     "PretrainedLM",
     "Qwen2_5_0_5B_Instruct",
     "Qwen2_5_7B_Instruct",

@@ -50,6 +50,62 @@ def _dtype(name: str | torch.dtype) -> torch.dtype:
     return dtype
 
 
+def runtime_tokenizer(vocab_size: int, corpus: Sequence[str] = (), seed: int = 0) -> tuple[Any, list[int]]:
+    """The offline run-time tokenizer (:func:`qoq.models.build_tokenizer`) and its end ids ``[<|im_end|>, EOS]``."""
+    from qoq.models.tokenizer import IM_END, build_tokenizer
+
+    tokenizer = build_tokenizer(vocab_size, corpus, seed=seed)
+    return tokenizer, [tokenizer.convert_tokens_to_ids(IM_END), tokenizer.eos_token_id]
+
+
+def seeded_model(model_class: type[PreTrainedModel], config: Any, seed: int, dtype: str) -> PreTrainedModel:
+    """A random-init ``model_class(config)`` in ``dtype``, seeded by ``seed`` (the global RNG left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return model_class(config).to(_dtype(dtype))
+
+
+def local_folder(owner: object, path: str) -> Path:
+    """``path`` as a local HF model folder (with ``config.json``); never a download.
+
+    Raises:
+        FileNotFoundError: no ``config.json`` there (the message names ``owner``'s class).
+    """
+    folder = Path(path).expanduser()
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{type(owner).__name__}: no HF model folder at {str(folder)!r} (config.json missing); qoq never "
+            "downloads weights - copy the checkpoint (e.g. fetched from a hub on another machine) to local disk "
+            "and pass its folder as `path`"
+        )
+    return folder
+
+
+def padded(tokenizer: Any) -> Any:
+    """``tokenizer``, with EOS as its pad token when it has none."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def quantized_copy(model: PreTrainedModel, quantization_config: Any) -> PreTrainedModel:
+    """``model`` (built in memory) reloaded through a temporary folder with bitsandbytes quantization.
+
+    Args:
+        model: an HF causal LM.
+        quantization_config: a ``transformers.BitsAndBytesConfig``.
+    """
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory(prefix="qoq-lm-") as tmp:
+        model.save_pretrained(tmp)
+        return AutoModelForCausalLM.from_pretrained(
+            tmp, quantization_config=quantization_config, dtype=model.dtype, local_files_only=True
+        )
+
+
 class TinyLM(LMBuilder):
     """A randomly initialised Qwen2 causal LM with the offline byte-level BPE tokenizer.
 
@@ -119,11 +175,8 @@ class TinyLM(LMBuilder):
         """
         from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
-        from qoq.models.tokenizer import IM_END, build_tokenizer
-
         corpus = self.extra_corpus() if callable(self.extra_corpus) else self.extra_corpus
-        tokenizer = build_tokenizer(self.vocab_size, corpus, seed=self.seed)
-        eos = [tokenizer.convert_tokens_to_ids(IM_END), tokenizer.eos_token_id]
+        tokenizer, eos = runtime_tokenizer(self.vocab_size, corpus, self.seed)
         config = Qwen2Config(
             vocab_size=len(tokenizer),
             hidden_size=self.hidden_size,
@@ -137,25 +190,12 @@ class TinyLM(LMBuilder):
             eos_token_id=eos,
             pad_token_id=tokenizer.pad_token_id,
         )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
-            model = Qwen2ForCausalLM(config).to(_dtype(self.dtype))
+        model = seeded_model(Qwen2ForCausalLM, config, self.seed, self.dtype)
         model.generation_config = GenerationConfig(
             eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id
         )
         if quantization_config is not None:
-            import tempfile
-
-            from transformers import AutoModelForCausalLM
-
-            with tempfile.TemporaryDirectory(prefix="qoq-tinylm-") as tmp:
-                model.save_pretrained(tmp)
-                model = AutoModelForCausalLM.from_pretrained(
-                    tmp,
-                    quantization_config=quantization_config,
-                    dtype=_dtype(self.dtype),
-                    local_files_only=True,
-                )
+            model = quantized_copy(model, quantization_config)
         return model.eval(), tokenizer
 
 
@@ -204,12 +244,7 @@ class PretrainedLM(LMBuilder):
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        folder = Path(self.path).expanduser()
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{type(self).__name__}: no HF model folder at {str(folder)!r} (config.json missing); "
-                "qoq never downloads weights - put the model on local disk and pass its folder as `path`"
-            )
+        folder = local_folder(self, self.path)
         model = AutoModelForCausalLM.from_pretrained(
             folder,
             dtype=_dtype(self.dtype),
@@ -222,9 +257,7 @@ class PretrainedLM(LMBuilder):
 
         loader = getattr(transformers, self.tokenizer_class) if self.tokenizer_class else AutoTokenizer
         tokenizer = loader.from_pretrained(folder, local_files_only=True, trust_remote_code=self.trust_remote_code)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        return model.eval(), tokenizer
+        return model.eval(), padded(tokenizer)
 
 
 class Qwen2_5_7B_Instruct(PretrainedLM):  # noqa: N801 - the model's own name

@@ -205,10 +205,8 @@ class VisionEncoder(ModalityEncoder):
         out_dim: token width; inferred from the backbone when None.
         mean: per-channel input mean; None uses the timm model's default (ImageNet for a wrapped module).
         std: per-channel input std; None as for ``mean``.
-        labels: label vocabulary of the classification stage.
-        multi_label: BCE instead of cross-entropy in that stage.
-        lr: learning rate of that stage.
-        weight_decay: weight decay of that stage.
+        **stage: the classification stage (:class:`ModalityEncoder`: ``labels``, ``multi_label``, ``lr``,
+            ``weight_decay``).
     """
 
     kind = "image"
@@ -222,12 +220,9 @@ class VisionEncoder(ModalityEncoder):
         out_dim: int | None = None,
         mean: tuple[float, float, float] | None = None,
         std: tuple[float, float, float] | None = None,
-        labels: Sequence[str] = (),
-        multi_label: bool = False,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
+        **stage: Any,
     ) -> None:
-        super().__init__(labels, multi_label, lr, weight_decay)
+        super().__init__(**stage)
         self.image_size = image_size
         self.checkpoint = checkpoint
         self._loaded = checkpoint is None
@@ -321,10 +316,8 @@ class VolumeEncoder(ModalityEncoder):
         frame_encoder: the 2-D encoder applied to every frame (shared weights).
         num_frames: the frame count the position embedding is laid out for.
         tokens_per_frame: tokens kept per frame.
-        labels: label vocabulary of the classification stage.
-        multi_label: BCE instead of cross-entropy in that stage.
-        lr: learning rate of that stage.
-        weight_decay: weight decay of that stage.
+        **stage: the classification stage (:class:`ModalityEncoder`: ``labels``, ``multi_label``, ``lr``,
+            ``weight_decay``).
     """
 
     kind = "video"
@@ -334,12 +327,9 @@ class VolumeEncoder(ModalityEncoder):
         frame_encoder: VisionEncoder,
         num_frames: int = 8,
         tokens_per_frame: int = 1,
-        labels: Sequence[str] = (),
-        multi_label: bool = False,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
+        **stage: Any,
     ) -> None:
-        super().__init__(labels, multi_label, lr, weight_decay)
+        super().__init__(**stage)
         self.frame_encoder = frame_encoder
         self.num_frames = num_frames
         self.tokens_per_frame = tokens_per_frame
@@ -395,10 +385,8 @@ class ECGEncoder(ModalityEncoder):
         dropout: dropout inside the transformer.
         checkpoint: local weights of this encoder (e.g. its own stage's checkpoint), loaded in
             ``configure_model``.
-        labels: label vocabulary of the classification stage.
-        multi_label: BCE instead of cross-entropy in that stage.
-        lr: learning rate of that stage.
-        weight_decay: weight decay of that stage.
+        **stage: the classification stage (:class:`ModalityEncoder`: ``labels``, ``multi_label``, ``lr``,
+            ``weight_decay``).
     """
 
     kind = "ecg"
@@ -414,12 +402,9 @@ class ECGEncoder(ModalityEncoder):
         mlp_ratio: float = 2.0,
         dropout: float = 0.0,
         checkpoint: str | None = None,
-        labels: Sequence[str] = (),
-        multi_label: bool = False,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
+        **stage: Any,
     ) -> None:
-        super().__init__(labels, multi_label, lr, weight_decay)
+        super().__init__(**stage)
         if samples % patch_size:
             raise ValueError(f"ECGEncoder: samples={samples} is not a multiple of patch_size={patch_size}")
         self.leads, self.samples, self.patch_size = leads, samples, patch_size

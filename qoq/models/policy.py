@@ -9,6 +9,11 @@ with ``enable_prompt_embeds``), so no custom multimodal model class is required 
 The policy's own training stage is SFT on ``batch.references`` (the paper's SFT baseline). For RL,
 :class:`~qoq.systems.PolicyOptimization` composes it and calls :meth:`Policy.prompt_embeds`,
 :meth:`Policy.response_logprobs`, :meth:`Policy.reference_mode` and :meth:`Policy.lm_weights_for_sync`.
+
+:class:`Policy` builds and owns the parts (quantization, LoRA, freezing) and is the entry point; the work
+lives beside it as functions: :mod:`qoq.models.prompts` (projection and splicing),
+:mod:`qoq.models.logprobs` (response log-probabilities), :mod:`qoq.models.weights` (weights for rollout
+engines: LoRA merged, bitsandbytes dequantized). Its settings are one :class:`PolicyOptions`.
 """
 
 from __future__ import annotations
@@ -16,9 +21,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 
+from qoq.models import logprobs, prompts, weights
 from qoq.models.builders import LMBuilder, TinyLM
 from qoq.models.encoders import ECGEncoder, ModalityEncoder, VisionEncoder, VolumeEncoder
 from qoq.models.optim import LRSchedule, decay_groups
@@ -38,22 +44,14 @@ from qoq.types import PLACEHOLDERS, PromptBatch
 #: :data:`qoq.rl.rewards.RESPONSE_FORMAT` to every user message (one home for the prompt contract).
 DEFAULT_SYSTEM_PROMPT = "You are a clinical assistant."
 
-_PLACEHOLDER_RE = re.compile("|".join(re.escape(p) for p in PLACEHOLDERS.values()))
-_KIND_OF = {placeholder: kind for kind, placeholder in PLACEHOLDERS.items()}
 _ALIASES = {"lm": "language_model"}
 
 
-class Policy(L.LightningModule):
-    """A causal LM with modality encoders and a fusion projector; its own stage is SFT.
-
-    Heavy construction (weights, quantization, LoRA wrapping, freezing) happens in :meth:`configure_model`,
-    which the Trainer calls; outside a Trainer call :meth:`build` (both idempotent).
+@dataclass(frozen=True)
+class PolicyOptions:
+    """How a policy is built and what its own (SFT) stage does: the settings every policy class shares.
 
     Args:
-        lm: builder of the language model and tokenizer (e.g. ``TinyLM``, ``PretrainedLM``).
-        encoders: modality kind ("image", "video", "ecg") -> encoder returning ``[M, T, D]`` tokens (a
-            :class:`~qoq.models.VisionEncoder` can wrap any existing vision tower).
-        projector: maps encoder tokens to the LM's hidden size; required when there are encoders.
         lora: peft ``LoraConfig`` arguments (``r``, ``alpha``, ``dropout``, ``target_modules``, ... ;
             ``alpha``/``dropout`` stand for ``lora_alpha``/``lora_dropout``); None trains the full LM.
         quantization: load the LM in "8bit" or "4bit" (bitsandbytes); its base weights are then frozen, so
@@ -67,24 +65,68 @@ class Policy(L.LightningModule):
         max_prompt_tokens: longest allowed prompt in embeddings (text + modality tokens); longer prompts
             raise.
         share_prompts: compute response log-probs with each prompt run once and its KV cache shared by
-            the responses of its group (see :meth:`response_logprobs`); False runs one full
+            the responses of its group (:mod:`qoq.models.logprobs`); False runs one full
             ``[prompt ; response]`` row per response (the fallback for LMs whose cache cannot be shared).
     """
+
+    lora: dict[str, Any] | None = None
+    quantization: Literal["8bit", "4bit"] | None = None
+    freeze: Sequence[str] = ()
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    lr_schedule: LRSchedule | None = None
+    max_prompt_tokens: int | None = None
+    share_prompts: bool = True
+
+    def __post_init__(self) -> None:
+        if self.quantization not in (None, "8bit", "4bit"):
+            raise ValueError(f"Policy: quantization={self.quantization!r}; use None, '8bit' or '4bit'")
+        object.__setattr__(self, "lora", dict(self.lora) if self.lora else None)
+        object.__setattr__(self, "freeze", tuple(self.freeze))
+
+
+class _Option:
+    """``policy.<name>`` reads ``policy.options.<name>``: the options have one home."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, policy: Any, owner: type | None = None) -> Any:
+        return self if policy is None else getattr(policy.options, self.name)
+
+    def __set__(self, policy: Any, value: Any) -> None:
+        raise AttributeError(
+            f"Policy.{self.name} is read from policy.options (frozen): "
+            f"policy.options = dataclasses.replace(policy.options, {self.name}=...)"
+        )
+
+
+class Policy(L.LightningModule):
+    """A causal LM with modality encoders and a fusion projector; its own stage is SFT.
+
+    Heavy construction (weights, quantization, LoRA wrapping, freezing) happens in :meth:`configure_model`,
+    which the Trainer calls; outside a Trainer call :meth:`build` (both idempotent).
+
+    Args:
+        lm: builder of the language model and tokenizer (e.g. ``TinyLM``, ``PretrainedLM``).
+        encoders: modality kind ("image", "video", "ecg") -> encoder returning ``[M, T, D]`` tokens (a
+            :class:`~qoq.models.VisionEncoder` can wrap any existing vision tower).
+        projector: maps encoder tokens to the LM's hidden size; required when there are encoders.
+        options: LoRA, quantization, freezing, system prompt, the SFT stage's optimizer, prompt limits
+            (:class:`PolicyOptions`); each is also readable as ``policy.<name>``.
+    """
+
+    lora, quantization, freeze, system_prompt = _Option(), _Option(), _Option(), _Option()
+    lr, weight_decay, lr_schedule = _Option(), _Option(), _Option()
+    max_prompt_tokens, share_prompts = _Option(), _Option()
 
     def __init__(
         self,
         lm: LMBuilder,
         encoders: dict[str, ModalityEncoder] | None = None,
         projector: FusionProjector | None = None,
-        lora: dict[str, Any] | None = None,
-        quantization: Literal["8bit", "4bit"] | None = None,
-        freeze: Sequence[str] = (),
-        system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
-        lr: float = 1e-5,
-        weight_decay: float = 0.0,
-        lr_schedule: LRSchedule | None = None,
-        max_prompt_tokens: int | None = None,
-        share_prompts: bool = True,
+        options: PolicyOptions | None = None,
     ) -> None:
         super().__init__()
         encoders = dict(encoders or {})
@@ -104,20 +146,10 @@ class Policy(L.LightningModule):
                     f"Policy: {kind!r} encoder gives {out_dim}-dim tokens, "
                     f"projector expects {projector.in_dims[kind]}"
                 )
-        if quantization not in (None, "8bit", "4bit"):
-            raise ValueError(f"Policy: quantization={quantization!r}; use None, '8bit' or '4bit'")
         self.lm_builder = lm
         self.encoders = nn.ModuleDict(encoders)
         self.projector = projector
-        self.lora = dict(lora) if lora else None
-        self.quantization = quantization
-        self.freeze = tuple(freeze)
-        self.system_prompt = system_prompt
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.lr_schedule = lr_schedule
-        self.max_prompt_tokens = max_prompt_tokens
-        self.share_prompts = share_prompts
+        self.options = options or PolicyOptions()
         self.language_model: nn.Module | None = None
         self._tokenizer: Any = None
 
@@ -147,7 +179,7 @@ class Policy(L.LightningModule):
             bits = {"load_in_8bit": True} if self.quantization == "8bit" else {"load_in_4bit": True}
             model, tokenizer = self.lm_builder.build(quantization_config=BitsAndBytesConfig(**bits))
             model.requires_grad_(False)  # quantized base weights are not trainable
-            _prepare_4bit_layers(model)
+            weights.prepare_4bit_layers(model)
         if self.lora is not None:
             from peft import LoraConfig, get_peft_model
 
@@ -284,37 +316,6 @@ class Policy(L.LightningModule):
         """``(item kind, encoder, projector kind)`` of every way items are encoded, in one fixed order."""
         return [(kind, kind, kind) for kind in self.encoders]
 
-    def _projected_items(self, batch: PromptBatch) -> tuple[dict[str, Tensor], Tensor | None]:
-        """kind -> projected tokens ``[M, T', H]`` of that kind's items, and a zero anchor or None.
-
-        Under data parallelism (``torch.distributed`` with several ranks) every encoder path runs at every
-        call, in the same order on every rank: on an all-zero :meth:`~ModalityEncoder.dummy_input` where
-        the batch has no item of its kind. Sharded ranks (FSDP) then run the same all-gathers and, through
-        the anchor (0 x the dummy outputs, added to the first prompt), the same reduce-scatters, whichever
-        modalities their prompts hold; otherwise a text-only rank next to an image rank desynchronises
-        the collectives (a crash on gloo, a hang on NCCL).
-        """
-        paths = self._encoder_paths()
-        for kind, items in batch.modalities.items():
-            if len(items.values) and kind not in {k for k, _, _ in paths}:
-                raise ValueError(
-                    f"batch has {len(items.values)} {kind!r} item(s) "
-                    f"(records {_ids_of(batch, items.owner)}) but "
-                    f"the policy has no {kind!r} encoder (it has {sorted(self.encoders) or 'none'})"
-                )
-        every = _data_parallel()
-        out: dict[str, Tensor] = {}
-        anchor: Tensor | None = None
-        for kind, encoder, projection in paths:
-            items = batch.modalities.get(kind)
-            if items is not None and len(items.values):
-                out[kind] = self.projector(projection, self.encoders[encoder](items.values))
-            elif every:
-                module = self.encoders[encoder]
-                dummy = self.projector(projection, module(module.dummy_input()))
-                anchor = dummy.sum() * 0.0 if anchor is None else anchor + dummy.sum() * 0.0
-        return out, anchor
-
     def prompt_embeds(self, batch: PromptBatch) -> list[Tensor]:
         """Embed each prompt with its modality items spliced in at the placeholders.
 
@@ -329,51 +330,12 @@ class Policy(L.LightningModule):
             ValueError: a prompt's placeholders and items do not match, items of a kind have no encoder, or
                 a prompt exceeds ``max_prompt_tokens``.
         """
-        tok = self.tokenizer
-        projected, anchor = self._projected_items(batch)
-        items_of: dict[str, list[list[int]]] = {k: [[] for _ in range(len(batch))] for k in PLACEHOLDERS}
-        for kind, items in batch.modalities.items():
-            for m, p in enumerate(items.owner.tolist()):
-                if not 0 <= p < len(batch):
-                    raise ValueError(
-                        f"{kind!r} item {m} has owner {p} outside the batch of {len(batch)} prompts"
-                    )
-                items_of.setdefault(kind, [[] for _ in range(len(batch))])[p].append(m)
-
+        projected, anchor = prompts.project_items(batch, self.encoders, self.projector, self._encoder_paths())
         texts = self.chat_texts(batch.texts)
-        pieces = [_PLACEHOLDER_RE.split(text) for text in texts]  # P x (n_placeholders + 1) strings
-        flat = [piece for row in pieces for piece in row]
-        ids = tok(flat, add_special_tokens=False)["input_ids"]
-        lengths = [len(x) for x in ids]
-        table = self.embed_ids(
-            torch.tensor([i for x in ids for i in x], dtype=torch.long, device=self.lm_device)
+        out = prompts.splice(
+            batch, texts, self.tokenizer, self.embed_ids, self.lm_device, projected, self.max_prompt_tokens
         )
-        text_embeds = list(table.split(lengths))  # one [len, H] per piece
-
-        out = []
-        for p, text in enumerate(texts):
-            placeholders = _PLACEHOLDER_RE.findall(text)
-            for kind, placeholder in PLACEHOLDERS.items():
-                have, want = len(items_of[kind][p]), placeholders.count(placeholder)
-                if have != want:
-                    raise ValueError(
-                        f"prompt {batch.ids[p]!r}: {want} {placeholder} placeholder(s) "
-                        f"but {have} {kind!r} item(s)"
-                    )
-            taken = {kind: iter(items_of[kind][p]) for kind in PLACEHOLDERS}
-            parts = [text_embeds.pop(0)]
-            for placeholder in placeholders:
-                kind = _KIND_OF[placeholder]
-                parts.append(projected[kind][next(taken[kind])].to(table.dtype))
-                parts.append(text_embeds.pop(0))
-            embeds = torch.cat(parts)  # [L_p, H]
-            if self.max_prompt_tokens is not None and len(embeds) > self.max_prompt_tokens:
-                raise ValueError(
-                    f"prompt {batch.ids[p]!r}: {len(embeds)} embeddings "
-                    f"> max_prompt_tokens={self.max_prompt_tokens}"
-                )
-            out.append(embeds)
-        if anchor is not None:  # keeps every encoder in the graph on every rank (see _projected_items)
+        if anchor is not None:  # keeps every encoder in the graph on every rank (see prompts.project_items)
             out[0] = out[0] + anchor.to(out[0].dtype)
         return out
 
@@ -390,114 +352,19 @@ class Policy(L.LightningModule):
         with_entropy: bool = False,
         share_prompts: bool | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """Per-token log-probabilities of responses given their prompts.
-
-        Two equivalent computations (equal to ~1e-6 in fp32):
-
-        - shared prompts (default, ``share_prompts``): each prompt that a response refers to runs once,
-          right-padded, with an attention mask and explicit positions (its last token left out), keeping its
-          KV cache; the cache is repeated to the ``N`` rows (``prompt_index``); then one forward over
-          ``[last prompt token ; response[:-1]]`` per row at positions ``L_i - 1 ... L_i + R - 2`` on that
-          cache gives the ``R`` logits of each response. Gradients flow through the repeated cache into the
-          prompt pass (and the prompt embeddings). A group of ``n`` responses thus costs its prompt once
-          instead of ``n`` times.
-        - per row (``share_prompts=False``, and the fallback for LMs whose cache is not a plain
-          ``DynamicCache``, e.g. sliding-window or linear-attention layers, or when the LM returns no cache,
-          e.g. under gradient checkpointing): row n is ``[prompt_embeds[prompt_index[n]] ;
-          embed(response_ids[n])]``, right-padded, in one batched forward; every row starts at position 0
-          and all padding comes after its real tokens, so causal attention alone is exact.
-
-        Only the logits at positions that predict a response token are computed.
-
-        Args:
-            prompt_embeds: P prompt embeddings ``[L_i, H]`` (``L_i >= 1``); prompts no row refers to are
-                not run.
-            response_ids: ``[N, R]`` long, right-padded.
-            response_mask: ``[N, R]`` bool, True on real response tokens.
-            prompt_index: ``[N]`` long, the prompt of each response.
-            temperature: logits are divided by it before the softmax (as the sampler did).
-            with_entropy: also return the entropy of each position's distribution.
-            share_prompts: override this policy's ``share_prompts`` for this call.
-
-        Returns:
-            ``logp [N, R]`` float32 (``log_softmax(logits / temperature)`` at the response tokens), and
-            ``entropy [N, R]`` float32 or None; both 0 where ``response_mask`` is False.
-        """
-        share = self.share_prompts if share_prompts is None else share_prompts
-        logits = None
-        if share and response_ids.shape[1] > 0:
-            logits = self._shared_prompt_logits(prompt_embeds, response_ids, prompt_index)
-        if logits is None:
-            logits = self._per_row_logits(prompt_embeds, response_ids, prompt_index)
-        return _token_logprobs(logits, response_ids, response_mask.bool(), temperature, with_entropy)
-
-    def _shared_prompt_logits(
-        self, prompt_embeds: Sequence[Tensor], response_ids: Tensor, prompt_index: Tensor
-    ) -> Tensor | None:
-        """Response logits ``[N, R, V]`` with each used prompt run once (None: the LM's cache cannot be shared)."""
-        from transformers.cache_utils import DynamicLayer
-
-        if getattr(self.base_model, "is_gradient_checkpointing", False) and self.lm.training:
-            return None  # transformers turns the cache off under gradient checkpointing
-        n, r = response_ids.shape
-        device = response_ids.device
-        used, local = torch.unique(prompt_index, return_inverse=True)  # [U] sorted, [N] row -> used prompt
-        prompts = [prompt_embeds[i] for i in used.tolist()]
-        lengths = torch.tensor([len(e) for e in prompts], device=device)  # [U]
-        if int(lengths.min()) < 1:
-            raise ValueError("response_logprobs: an empty prompt (every prompt needs >= 1 embedding)")
-        response_embeds = self.embed_ids(response_ids[:, :-1])  # [N, R-1, H]: the last token is never an input
-        dtype = response_embeds.dtype
-        last = torch.stack([e[-1] for e in prompts]).to(dtype)  # [U, H]
-        width = int(lengths.max()) - 1  # prefix (prompt minus its last token) width W
-        cache = None
-        prefix_mask = torch.zeros(len(prompts), width, dtype=torch.bool, device=device)  # [U, W]
-        if width > 0:
-            prefix = pad_sequence([e[:-1].to(dtype) for e in prompts], batch_first=True)  # [U, W, H]
-            prefix_mask = torch.arange(width, device=device)[None] < (lengths - 1)[:, None]  # [U, W]
-            # a one-token prompt has an empty prefix: its first (padding) slot is attended in this pass only,
-            # so that row stays finite; the response pass masks it
-            attend = prefix_mask.clone()
-            attend[:, 0] = True
-            out = self.lm(
-                inputs_embeds=prefix,
-                attention_mask=attend.long(),
-                position_ids=torch.arange(width, device=device).expand(len(prompts), -1),
-                use_cache=True,
-                logits_to_keep=1,  # no logits needed; 0 would mean "all" in transformers
-            )
-            cache = out.past_key_values
-            layers = getattr(cache, "layers", None)
-            if not layers or any(type(layer) is not DynamicLayer for layer in layers):
-                return None  # no cache (gradient checkpointing), or layers that cannot be repeated exactly
-            cache.batch_select_indices(local)  # [N, heads, W, d] per layer; differentiable indexing
-        inputs = torch.cat([last[local][:, None], response_embeds], dim=1)  # [N, R, H]
-        positions = (lengths[local] - 1)[:, None] + torch.arange(r, device=device)  # [N, R]
-        mask = torch.cat([prefix_mask[local], torch.ones(n, r, dtype=torch.bool, device=device)], dim=1)
-        return self.lm(
-            inputs_embeds=inputs,
-            attention_mask=mask.long(),  # [N, W + R]: prefix padding masked; response padding trails
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=cache is not None,
-        ).logits  # [N, R, V]
-
-    def _per_row_logits(self, prompt_embeds: Sequence[Tensor], response_ids: Tensor, prompt_index: Tensor) -> Tensor:
-        """Response logits ``[N, R, V]`` with one ``[prompt ; response]`` row per response."""
-        n, r = response_ids.shape
-        index = prompt_index.tolist()
-        lengths = torch.tensor([prompt_embeds[i].shape[0] for i in index], device=response_ids.device)  # [N]
-        response_embeds = self.embed_ids(response_ids)  # [N, R, H]
-        rows = [
-            torch.cat([prompt_embeds[i].to(response_embeds.dtype), response_embeds[k]])
-            for k, i in enumerate(index)
-        ]
-        inputs = pad_sequence(rows, batch_first=True)  # [N, max L + R, H]
-        lo, hi = int(lengths.min()), int(lengths.max())
-        keep = torch.arange(lo - 1, hi + r - 1, device=inputs.device)  # positions predicting a response token
-        logits = self.lm(inputs_embeds=inputs, logits_to_keep=keep, use_cache=False).logits  # [N, K, V]
-        offsets = (lengths - lo)[:, None] + torch.arange(r, device=inputs.device)  # [N, R]
-        return logits.gather(1, offsets[..., None].expand(-1, -1, logits.shape[-1]))  # [N, R, V]
+        """Per-token log-probabilities ``logp [N, R]`` (and ``entropy [N, R]`` or None) of responses given
+        their prompts: :func:`qoq.models.logprobs.response_logprobs` on this policy's LM, sharing prompts
+        unless ``share_prompts`` (default: this policy's option) says otherwise."""
+        return logprobs.response_logprobs(
+            self.lm,
+            prompt_embeds,
+            response_ids,
+            response_mask,
+            prompt_index,
+            temperature=temperature,
+            with_entropy=with_entropy,
+            share_prompts=self.share_prompts if share_prompts is None else share_prompts,
+        )
 
     # ----- reference policy ------------------------------------------------------------------------------
 
@@ -537,35 +404,12 @@ class Policy(L.LightningModule):
         With LoRA, each adapted weight is yielded merged (``W + B A * scale``, computed aside: the module is
         never merged in place); adapter tensors are left out and peft's name parts stripped. Tied weights
         appear under both names (``lm_head.weight`` too). A quantized (QLoRA) LM's 8/4-bit weights are
-        yielded dequantized to the embeddings' dtype, without their quantization state.
+        yielded dequantized to the embeddings' dtype, without their quantization state
+        (:func:`qoq.models.weights.lm_weights_for_sync`).
         """
-        base = self.base_model
-        dense = _dequantized_weights(base) if self.quantization is not None else {}  # HF name -> [out, in]
-        quant_state = tuple(f"{n.removesuffix('.weight')}.{part}" for n in dense for part in ("weight.", "SCB"))
-        deltas: dict[str, Tensor] = {}
-        if self.lora is not None:
-            from peft.tuners.lora import LoraLayer
-
-            for name, module in base.named_modules():
-                if isinstance(module, LoraLayer) and not module.merged and not module.disable_adapters:
-                    if any(module.use_dora.get(a, False) for a in module.active_adapters):
-                        raise NotImplementedError("lm_weights_for_sync: DoRA adapters are not supported")
-                    delta = sum(
-                        module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A
-                    )
-                    if isinstance(delta, Tensor):
-                        deltas[f"{name}.weight"] = delta
-        for name, tensor in base.state_dict(keep_vars=False).items():
-            if "lora_" in name:
-                continue
-            name = name.replace(".base_layer.", ".")
-            if name.startswith(quant_state) or (dense and name.endswith(".weight_format")):
-                continue  # bitsandbytes' quantization state of a weight yielded dequantized
-            tensor = dense.get(name, tensor)
-            tensor = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # FSDP2 DTensor
-            if name in deltas:
-                tensor = tensor + deltas[name].to(tensor.dtype)
-            yield name, tensor.detach()
+        return weights.lm_weights_for_sync(
+            self.base_model, lora=self.lora is not None, quantized=self.quantization is not None
+        )
 
     def save_lm(self, directory: str | Path) -> Path:
         """Save the LM (LoRA merged) and tokenizer as an HF folder that transformers and vLLM load.
@@ -663,95 +507,6 @@ class Policy(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": self.lr_schedule.scheduler(optimizer, total)}
 
 
-def _prepare_4bit_layers(model: nn.Module) -> None:
-    """Make every bitsandbytes 4-bit linear layer of ``model`` safe to train, sync and checkpoint on a CPU.
-
-    - The CPU inference repack is turned off. On a CPU with avx512_bf16, a ``Linear4bit`` forward in eval
-      mode without gradients otherwise repacks its weight in place into an inference-only layout. A policy
-      alternates such forwards (rollouts, sync probes) with training forwards, and the repacked layout has
-      no autograd (a layer with a bias raises, one without silently drops the gradient to its input),
-      cannot be dequantized for a rollout engine, and is saved with corrupted frozen weights.
-    - Loading a state dict restores the quantized weight from the quantization state that the layer's own
-      ``state_dict()`` writes beside it (bitsandbytes saves it but does not read it back), so a QLoRA
-      checkpoint reloads strictly and exactly.
-    """
-    import bitsandbytes as bnb
-
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-            module.register_load_state_dict_pre_hook(_load_4bit_weight)
-
-
-def _load_4bit_weight(module: nn.Module, state_dict: dict[str, Tensor], prefix: str, *_: Any) -> None:
-    """Load-state-dict pre-hook of a ``Linear4bit``: rebuild its weight from ``weight`` + ``weight.*``."""
-    import bitsandbytes as bnb
-
-    key = f"{prefix}weight"
-    stats = {k.removeprefix(f"{key}."): state_dict.pop(k) for k in list(state_dict) if k.startswith(f"{key}.")}
-    if stats and key in state_dict:
-        device = module.weight.device
-        module.weight = bnb.nn.Params4bit.from_prequantized(state_dict[key], stats, device=device, module=module)
-
-
-def _dequantized_weights(model: nn.Module) -> dict[str, Tensor]:
-    """HF weight name -> dense weight ``[out, in]`` of every bitsandbytes 8/4-bit linear layer in ``model``.
-
-    A layer whose weight is not quantized yet (bitsandbytes quantizes on the first move to a device) gives
-    its weight as it is.
-
-    Raises:
-        RuntimeError: an int8 weight without its row scales, or a 4-bit weight in bitsandbytes' CPU
-            inference layout.
-    """
-    import bitsandbytes as bnb
-
-    dtype = model.get_input_embeddings().weight.dtype
-    out = {}
-    for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if isinstance(module, bnb.nn.Linear4bit) and getattr(weight, "quant_state", None) is not None:
-            if getattr(weight.quant_state, "packing_format_for_cpu", False):
-                raise RuntimeError(
-                    f"lm_weights_for_sync: {name} holds bitsandbytes' CPU inference layout (repacked by an "
-                    "eval forward on an avx512_bf16 CPU), which cannot be dequantized; build the LM through "
-                    "Policy.configure_model, which keeps the trainable layout"
-                )
-            weight = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
-        elif isinstance(module, bnb.nn.Linear8bitLt) and weight.dtype == torch.int8:
-            scales = getattr(weight, "SCB", None)
-            scales = scales if scales is not None else getattr(module.state, "SCB", None)
-            if scales is None:
-                raise RuntimeError(f"lm_weights_for_sync: {name} holds int8 weights without their scales (SCB)")
-            weight = bnb.functional.int8_vectorwise_dequant(weight.data, scales)  # rows x absmax / 127
-        elif not isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
-            continue
-        out[f"{name}.weight".replace(".base_layer.", ".")] = weight.detach().to(dtype)
-    return out
-
-
-def _token_logprobs(
-    logits: Tensor, response_ids: Tensor, mask: Tensor, temperature: float, with_entropy: bool
-) -> tuple[Tensor, Tensor | None]:
-    """``log_softmax(logits / temperature)`` at the response tokens ``[N, R]`` (and the entropy), 0 off ``mask``."""
-    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)  # [N, R, V]
-    logp = logprobs.gather(-1, response_ids[..., None]).squeeze(-1).masked_fill(~mask, 0.0)  # [N, R]
-    entropy = None
-    if with_entropy:
-        entropy = -(logprobs.exp() * logprobs).sum(-1).masked_fill(~mask, 0.0)  # [N, R]
-    return logp, entropy
-
-
-def _data_parallel() -> bool:
-    """Whether this process is one of several ``torch.distributed`` ranks."""
-    dist = torch.distributed
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _ids_of(batch: PromptBatch, owner: Tensor) -> list[str]:
-    return sorted({batch.ids[p] for p in owner.tolist() if 0 <= p < len(batch)})[:3]
-
-
 def tiny_policy(
     hidden_size: int = 64,
     num_layers: int = 2,
@@ -762,7 +517,7 @@ def tiny_policy(
     ecg_samples: int = 2500,
     tokens_per_item: dict[str, int | None] | int | None = None,
     seed: int = 0,
-    **policy_kwargs: Any,
+    **options: Any,
 ) -> Policy:
     """A complete tiny multimodal policy: TinyLM + ViT image / volume encoders + ECG encoder + projector.
 
@@ -779,7 +534,7 @@ def tiny_policy(
         ecg_samples: ECG samples per lead (a multiple of 50).
         tokens_per_item: projector pooling; None means image 4, video one per frame, ECG 1 (as QoQ-Med).
         seed: seed of all initialisations.
-        **policy_kwargs: further :class:`Policy` arguments (``lora``, ``freeze``, ``quantization``, ...).
+        **options: :class:`PolicyOptions` (``lora``, ``freeze``, ``quantization``, ...).
 
     Returns:
         An unbuilt :class:`Policy` (call ``build()`` or let the Trainer call ``configure_model``).
@@ -802,4 +557,4 @@ def tiny_policy(
     lm = TinyLM(
         hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, num_kv_heads=1, seed=seed
     )
-    return Policy(lm, encoders=encoders, projector=projector, **policy_kwargs)
+    return Policy(lm, encoders=encoders, projector=projector, options=PolicyOptions(**options))

@@ -29,86 +29,30 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qoq.models.builders import BuiltLM, LMBuilder, _dtype
+from qoq.models.builders import (
+    BuiltLM,
+    LMBuilder,
+    _dtype,
+    local_folder,
+    padded,
+    quantized_copy,
+    runtime_tokenizer,
+    seeded_model,
+)
 from qoq.models.encoders import ECGEncoder, ModalityEncoder
-from qoq.models.policy import DEFAULT_SYSTEM_PROMPT, Policy
+from qoq.models.policy import Policy, PolicyOptions
 from qoq.models.projector import FusionProjector
 from qoq.types import PromptBatch
 
 #: Qwen2-VL / 2.5-VL image normalisation (OpenAI CLIP statistics).
 QWEN_MEAN = (0.48145466, 0.4578275, 0.40821073)
 QWEN_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def tiny_qwen2_5_vl_config(
-    vocab_size: int,
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    num_heads: int = 2,
-    num_kv_heads: int = 1,
-    vision_hidden_size: int = 32,
-    vision_depth: int = 2,
-    vision_heads: int = 2,
-    max_position_embeddings: int = 2048,
-    tie_word_embeddings: bool = True,
-    token_ids: dict[str, int] | None = None,
-) -> Any:
-    """A small random-init ``Qwen2_5_VLConfig`` (offline, no download).
-
-    The text M-RoPE sections must sum to ``head_dim / 2``: they are split 1/4, 3/8, 3/8 as in the real
-    models (16, 24, 24 for head_dim 128). The last vision block uses full attention, the others windows.
-
-    Args:
-        vocab_size: text vocabulary (the tokenizer's length).
-        hidden_size: LM width; ``hidden_size / num_heads`` must be >= 32 (vLLM's CPU attention).
-        num_layers: LM decoder layers.
-        num_heads: LM attention heads.
-        num_kv_heads: LM key/value heads.
-        vision_hidden_size: vision tower width.
-        vision_depth: vision blocks.
-        vision_heads: vision attention heads.
-        max_position_embeddings: longest sequence.
-        tie_word_embeddings: share the input embedding and the LM head.
-        token_ids: ``bos_token_id`` / ``eos_token_id`` / ``pad_token_id`` of the tokenizer (the defaults are
-            the real Qwen vocabulary's).
-    """
-    from transformers import Qwen2_5_VLConfig
-
-    head_dim = hidden_size // num_heads
-    if hidden_size % num_heads or head_dim < 32 or head_dim % 8:
-        raise ValueError(
-            f"hidden_size={hidden_size} / num_heads={num_heads}: head_dim must be a multiple of 8, >= 32"
-        )
-    half = head_dim // 2
-    section = [half // 4, (half - half // 4) // 2]
-    section.append(half - sum(section))
-    text = {
-        "vocab_size": vocab_size,
-        "hidden_size": hidden_size,
-        "intermediate_size": 3 * hidden_size,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": num_heads,
-        "num_key_value_heads": num_kv_heads,
-        "max_position_embeddings": max_position_embeddings,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": section},
-        "tie_word_embeddings": tie_word_embeddings,
-        **(token_ids or {}),
-    }
-    vision = {
-        "depth": vision_depth,
-        "hidden_size": vision_hidden_size,
-        "intermediate_size": 2 * vision_hidden_size,
-        "num_heads": vision_heads,
-        "out_hidden_size": hidden_size,
-        "fullatt_block_indexes": [vision_depth - 1],
-    }
-    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie_word_embeddings)
 
 
 def _split_language_model(model: nn.Module) -> nn.Module:
@@ -192,7 +136,7 @@ class Qwen2_5_VLBuilder(LMBuilder):
         visual.merger = _MergeUnits(visual.spatial_merge_unit)
         lm = _split_language_model(model)
         if quantization_config is not None:
-            lm = _quantized_copy(lm, quantization_config)
+            lm = quantized_copy(lm, quantization_config)
         self._vision = (visual.eval(), merger.eval())
         return lm.eval(), tokenizer
 
@@ -206,19 +150,6 @@ class Qwen2_5_VLBuilder(LMBuilder):
             raise RuntimeError(f"{type(self).__name__}: build() first (the vision parts come with the LM)")
         vision, self._vision = self._vision, None
         return vision
-
-
-def _quantized_copy(lm: nn.Module, quantization_config: Any) -> nn.Module:
-    """Reload ``lm`` through a temporary folder with bitsandbytes quantization (QLoRA)."""
-    import tempfile
-
-    from transformers import AutoModelForCausalLM
-
-    with tempfile.TemporaryDirectory(prefix="qoq-qwenvl-") as tmp:
-        lm.save_pretrained(tmp)
-        return AutoModelForCausalLM.from_pretrained(
-            tmp, quantization_config=quantization_config, dtype=lm.dtype, local_files_only=True
-        )
 
 
 class TinyQwen2_5_VL(Qwen2_5_VLBuilder):
@@ -252,32 +183,59 @@ class TinyQwen2_5_VL(Qwen2_5_VLBuilder):
     ) -> None:
         super().__init__()
         _dtype(dtype)
-        self.sizes = {
-            "hidden_size": hidden_size,
-            "num_layers": num_layers,
-            "num_heads": num_heads,
-            "num_kv_heads": num_kv_heads,
-            "vision_hidden_size": vision_hidden_size,
-            "vision_depth": vision_depth,
-            "vision_heads": vision_heads,
-        }
-        tiny_qwen2_5_vl_config(vocab_size=vocab_size, **self.sizes)  # fail early on bad sizes
+        head_dim = hidden_size // num_heads
+        if hidden_size % num_heads or head_dim < 32 or head_dim % 8:  # >= 32: vLLM's CPU attention
+            raise ValueError(
+                f"hidden_size={hidden_size} / num_heads={num_heads}: head_dim must be a multiple of 8, >= 32"
+            )
+        self.hidden_size, self.num_heads, self.num_kv_heads = hidden_size, num_heads, num_kv_heads
+        self.num_layers, self.vision_depth = num_layers, vision_depth
+        self.vision_hidden_size, self.vision_heads = vision_hidden_size, vision_heads
         self.vocab_size, self.dtype, self.seed = vocab_size, dtype, seed
         self._vocab: int | None = None
 
     def vl_config(self, token_ids: dict[str, int] | None = None) -> Any:
-        return tiny_qwen2_5_vl_config(
-            vocab_size=self._vocab or self.vocab_size, token_ids=token_ids, **self.sizes
-        )
+        """The ``Qwen2_5_VLConfig`` (offline, no download; the vocabulary is the tokenizer's once built).
+
+        The text M-RoPE sections must sum to ``head_dim / 2``: they are split 1/4, 3/8, 3/8 as in the real
+        models (16, 24, 24 for head_dim 128). The last vision block uses full attention, the others windows.
+
+        Args:
+            token_ids: ``bos_token_id`` / ``eos_token_id`` / ``pad_token_id`` of the tokenizer (the defaults
+                are the real Qwen vocabulary's).
+        """
+        from transformers import Qwen2_5_VLConfig
+
+        half = self.hidden_size // self.num_heads // 2
+        section = [half // 4, (half - half // 4) // 2]
+        section.append(half - sum(section))
+        text = {
+            "vocab_size": self._vocab or self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": 3 * self.hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "max_position_embeddings": 2048,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": section},
+            "tie_word_embeddings": True,
+            **(token_ids or {}),
+        }
+        vision = {
+            "depth": self.vision_depth,
+            "hidden_size": self.vision_hidden_size,
+            "intermediate_size": 2 * self.vision_hidden_size,
+            "num_heads": self.vision_heads,
+            "out_hidden_size": self.hidden_size,
+            "fullatt_block_indexes": [self.vision_depth - 1],
+        }
+        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True)
 
     def _load(self, quantization_config: Any | None) -> tuple[nn.Module, Any]:
         from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
 
-        from qoq.models.tokenizer import IM_END, build_tokenizer
-
-        tokenizer = build_tokenizer(self.vocab_size, seed=self.seed)
+        tokenizer, eos = runtime_tokenizer(self.vocab_size, seed=self.seed)
         self._vocab = len(tokenizer)
-        eos = [tokenizer.convert_tokens_to_ids(IM_END), tokenizer.eos_token_id]
         config = self.vl_config(
             {
                 "bos_token_id": tokenizer.eos_token_id,
@@ -285,9 +243,7 @@ class TinyQwen2_5_VL(Qwen2_5_VLBuilder):
                 "pad_token_id": tokenizer.pad_token_id,
             }
         )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
-            model = Qwen2_5_VLForConditionalGeneration(config).to(_dtype(self.dtype))
+        model = seeded_model(Qwen2_5_VLForConditionalGeneration, config, self.seed, self.dtype)
         model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
         return model, tokenizer
 
@@ -309,35 +265,22 @@ class PretrainedQwen2_5_VL(Qwen2_5_VLBuilder):
         _dtype(dtype)
         self.path, self.dtype, self.attn_implementation = path, dtype, attn_implementation
 
-    def _folder(self) -> Path:
-        folder = Path(self.path).expanduser()
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{type(self).__name__}: no HF model folder at {str(folder)!r} (config.json missing); qoq never "
-                "downloads weights - copy the checkpoint (e.g. ddvd233/QoQ-Med-VL-7B) to local disk and pass "
-                "its folder as `path`"
-            )
-        return folder
-
     def vl_config(self) -> Any:
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(self._folder(), local_files_only=True)
+        return AutoConfig.from_pretrained(local_folder(self, self.path), local_files_only=True)
 
     def _load(self, quantization_config: Any | None) -> tuple[nn.Module, Any]:
         from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-        folder = self._folder()
+        folder = local_folder(self, self.path)
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
             folder,
             dtype=_dtype(self.dtype),
             attn_implementation=self.attn_implementation,
             local_files_only=True,
         )
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        return model, tokenizer
+        return model, padded(AutoTokenizer.from_pretrained(folder, local_files_only=True))
 
 
 class QwenVisionEncoder(ModalityEncoder):
@@ -486,14 +429,9 @@ class QwenVLPolicy(Policy):
         lm: a Qwen2.5-VL builder (:class:`TinyQwen2_5_VL`, :class:`PretrainedQwen2_5_VL`).
         ecg: the ECG encoder (the paper: ECG-JEPA, 8 leads x 2500 samples); None: images and text only.
         image_size: image side fed to the tower (multiple of 28; 28 * 28 pixels per LM token).
-        lora: peft LoRA arguments (see :class:`~qoq.models.Policy`); None trains the full LM.
-        quantization: "8bit" / "4bit" for the LM (QLoRA); the vision parts stay unquantized.
-        freeze: submodules to freeze ("lm", "encoders", "encoders.image", "encoders.ecg", "projector").
-        system_prompt: the system turn.
-        lr: learning rate of the policy's own (SFT) stage.
-        weight_decay: weight decay of that stage.
-        max_prompt_tokens: longest allowed prompt in embeddings.
-        share_prompts: log-prob passes run each prompt once (see :class:`~qoq.models.Policy`).
+        options: LoRA, quantization ("8bit" / "4bit" for the LM; the vision parts stay unquantized),
+            freezing ("lm", "encoders", "encoders.image", "encoders.ecg", "projector"), system prompt, the SFT
+            stage's optimizer, prompt limits (:class:`~qoq.models.policy.PolicyOptions`).
     """
 
     def __init__(
@@ -501,14 +439,7 @@ class QwenVLPolicy(Policy):
         lm: Qwen2_5_VLBuilder,
         ecg: ECGEncoder | None = None,
         image_size: int = 448,
-        lora: dict[str, Any] | None = None,
-        quantization: Literal["8bit", "4bit"] | None = None,
-        freeze: Sequence[str] = (),
-        system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
-        lr: float = 1e-5,
-        weight_decay: float = 0.0,
-        max_prompt_tokens: int | None = None,
-        share_prompts: bool = True,
+        options: PolicyOptions | None = None,
     ) -> None:
         config = lm.vl_config()
         vision = config.vision_config
@@ -527,19 +458,7 @@ class QwenVLPolicy(Policy):
         projector = QwenVLProjector(
             encoders["image"].out_dim, hidden, ecg.out_dim if ecg is not None else None
         )
-        super().__init__(
-            lm,
-            encoders=encoders,
-            projector=projector,
-            lora=lora,
-            quantization=quantization,
-            freeze=freeze,
-            system_prompt=system_prompt,
-            lr=lr,
-            weight_decay=weight_decay,
-            max_prompt_tokens=max_prompt_tokens,
-            share_prompts=share_prompts,
-        )
+        super().__init__(lm, encoders=encoders, projector=projector, options=options)
 
     def configure_model(self) -> None:
         """Build the LM, hand the tower to the image encoder and the merger to the projector, then freeze."""
@@ -570,19 +489,20 @@ class QwenVLPolicy(Policy):
         return super().chat_texts(texts)
 
 
-def tiny_qwen_vl_policy(ecg: bool = True, image_size: int = 56, seed: int = 0, **kwargs: Any) -> QwenVLPolicy:
+def tiny_qwen_vl_policy(ecg: bool = True, image_size: int = 56, seed: int = 0, **options: Any) -> QwenVLPolicy:
     """A tiny random Qwen2.5-VL policy (< 1M parameters) with a small ECG encoder, for tests.
 
     Args:
         ecg: add an 8-lead x 2500-sample ECG encoder (mean-pooled to one token, one Linear).
         image_size: image side (multiple of 28).
         seed: seed of the weights.
-        **kwargs: further :class:`QwenVLPolicy` arguments (``lora``, ``quantization``, ...).
+        **options: :class:`~qoq.models.policy.PolicyOptions` (``lora``, ``quantization``, ...).
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         encoder = ECGEncoder(leads=8, samples=2500, patch_size=50, dim=32, depth=1, heads=1) if ecg else None
-    return QwenVLPolicy(TinyQwen2_5_VL(seed=seed), ecg=encoder, image_size=image_size, **kwargs)
+    lm = TinyQwen2_5_VL(seed=seed)
+    return QwenVLPolicy(lm, ecg=encoder, image_size=image_size, options=PolicyOptions(**options))
 
 
 __all__ = [
@@ -592,6 +512,5 @@ __all__ = [
     "QwenVLProjector",
     "QwenVisionEncoder",
     "TinyQwen2_5_VL",
-    "tiny_qwen2_5_vl_config",
     "tiny_qwen_vl_policy",
 ]

@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from qoq.callbacks import ClinicalMetrics, ClinicalMetricsCallback, RolloutTraceWriter
+from qoq.testing import quiet_trainer
 
 
 class EvalRecordsModule(L.LightningModule):
@@ -34,18 +35,8 @@ class EvalRecordsModule(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-def _trainer(tmp_path, callbacks, **kwargs):
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-        **kwargs,
-    )
+def _trainer(tmp_path, callbacks, max_steps=-1, **kwargs):
+    return quiet_trainer(max_steps, devices=1, default_root_dir=tmp_path, callbacks=callbacks, **kwargs)
 
 
 def _loader(n):

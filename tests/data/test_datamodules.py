@@ -22,6 +22,7 @@ from qoq.data.datamodules import (
 from qoq.data.domains import DOMAINS
 from qoq.data.manifest import write_manifest
 from qoq.data.records import Record
+from qoq.testing import quiet_trainer
 from qoq.types import PromptBatch
 
 #: The toy imbalanced mix: 80 / 15 / 5 records.
@@ -193,16 +194,7 @@ def _fit(
     manifest: str, max_steps: int, ckpt: Path | None = None, save: Path | None = None
 ) -> list[list[str]]:
     model = _Recorder()
-    trainer = L.Trainer(
-        max_steps=max_steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
+    trainer = quiet_trainer(max_steps, limit_val_batches=0)
     trainer.fit(
         model,
         datamodule=MultiDomainDataModule(
@@ -289,9 +281,7 @@ def _adaptive(manifest: str, **kw) -> MultiDomainDataModule:
 
 def _fit_adaptive(manifest: str, max_steps: int, ckpt: Path | None = None, save: Path | None = None):
     model, dm = _Reporter(), _adaptive(manifest)
-    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        num_sanity_val_steps=0)  # fmt: skip
+    trainer = quiet_trainer(max_steps, limit_val_batches=0)
     trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
     if save is not None:
         trainer.save_checkpoint(save)

@@ -4,14 +4,13 @@ import pytest
 import torch
 
 from qoq.models.builders import PretrainedLM, Qwen2_5_0_5B_Instruct, Qwen2_5_7B_Instruct, TinyLM
-
-TINY = dict(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1)
+from qoq.testing import TINY_LM
 
 
 def test_tiny_lm_is_deterministic_given_seed():
-    a, _ = TinyLM(**TINY).build()
-    b, _ = TinyLM(**TINY).build()
-    c, _ = TinyLM(**TINY, seed=1).build()
+    a, _ = TinyLM(**TINY_LM).build()
+    b, _ = TinyLM(**TINY_LM).build()
+    c, _ = TinyLM(**TINY_LM, seed=1).build()
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not torch.equal(
@@ -26,7 +25,7 @@ def _count(hidden: int, layers: int, kv_dim: int, inter: int, vocab: int = 512) 
 
 
 def test_tiny_lm_parameter_counts():
-    tiny, tok = TinyLM(**TINY).build()
+    tiny, tok = TinyLM(**TINY_LM).build()
     assert len(tok) == 512 and tiny.config.vocab_size == 512
     assert sum(p.numel() for p in tiny.parameters()) == _count(64, 2, 32, 192) == 131_648
     default, _ = TinyLM().build()  # the ~5M demo size
@@ -35,7 +34,7 @@ def test_tiny_lm_parameter_counts():
 
 
 def test_tiny_lm_stops_on_im_end():
-    model, tok = TinyLM(**TINY).build()
+    model, tok = TinyLM(**TINY_LM).build()
     assert model.generation_config.eos_token_id == [tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id]
     assert model.generation_config.pad_token_id == tok.pad_token_id
 
@@ -54,7 +53,7 @@ def test_tiny_lm_rejects_bad_shapes(kwargs, match):
 
 
 def test_pretrained_lm_loads_a_local_folder(tmp_path):
-    model, tok = TinyLM(**TINY).build()
+    model, tok = TinyLM(**TINY_LM).build()
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     loaded, loaded_tok = PretrainedLM(str(tmp_path), dtype="float32").build()

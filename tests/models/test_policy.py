@@ -1,13 +1,15 @@
 """Policy: prompt splicing, placeholder errors, log-probs vs HF forward / generate, SFT, freezing, copies."""
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from qoq.models import DEFAULT_SYSTEM_PROMPT, FusionProjector, Policy, TinyLM
+from qoq.models import DEFAULT_SYSTEM_PROMPT, FusionProjector, Policy, TinyLM, logprobs
 from qoq.models.encoders import ECGEncoder
+from qoq.testing import TINY_LM, tiny_text_policy
 
-TINY = dict(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1)
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +19,7 @@ def policy():
 
 @pytest.fixture(scope="module")
 def text_policy():
-    return Policy(TinyLM(**TINY), system_prompt=None).build().eval()
+    return tiny_text_policy(system_prompt=None).build().eval()
 
 
 def _items():
@@ -90,7 +92,7 @@ def test_items_without_encoder_and_long_prompts_raise(text_policy, make_batch):
     batch = make_batch(["<ecg>"], [["normal"]], {"ecg": (torch.randn(1, 8, 2500), [0])})
     with pytest.raises(ValueError, match="rec-0.*no 'ecg' encoder"):
         text_policy.prompt_embeds(batch)
-    short = Policy(TinyLM(**TINY), max_prompt_tokens=8).build()
+    short = tiny_text_policy(max_prompt_tokens=8).build()
     with pytest.raises(ValueError, match="rec-0.*max_prompt_tokens=8"):
         short.prompt_embeds(make_batch(["a question"], [["normal"]]))
 
@@ -98,21 +100,21 @@ def test_items_without_encoder_and_long_prompts_raise(text_policy, make_batch):
 def test_constructor_checks():
     ecg = ECGEncoder(samples=500, dim=32, depth=1, heads=1)
     with pytest.raises(ValueError, match="projector"):
-        Policy(TinyLM(**TINY), encoders={"ecg": ecg})
+        Policy(TinyLM(**TINY_LM), encoders={"ecg": ecg})
     with pytest.raises(ValueError, match="no projection for the 'ecg'"):
-        Policy(TinyLM(**TINY), encoders={"ecg": ecg}, projector=FusionProjector({"image": 32}, 64))
+        Policy(TinyLM(**TINY_LM), encoders={"ecg": ecg}, projector=FusionProjector({"image": 32}, 64))
     with pytest.raises(ValueError, match="32-dim tokens, projector expects 16"):
-        Policy(TinyLM(**TINY), encoders={"ecg": ecg}, projector=FusionProjector({"ecg": 16}, 64))
+        Policy(TinyLM(**TINY_LM), encoders={"ecg": ecg}, projector=FusionProjector({"ecg": 16}, 64))
     with pytest.raises(ValueError, match="not modality kinds"):
-        Policy(TinyLM(**TINY), encoders={"audio": ecg}, projector=FusionProjector({"audio": 32}, 64))
+        Policy(TinyLM(**TINY_LM), encoders={"audio": ecg}, projector=FusionProjector({"audio": 32}, 64))
     with pytest.raises(ValueError, match="quantization"):
-        Policy(TinyLM(**TINY), quantization="3bit")
+        tiny_text_policy(quantization="3bit")
     with pytest.raises(ValueError, match="hidden_size=32"):
-        Policy(TinyLM(**TINY), encoders={"ecg": ecg}, projector=FusionProjector({"ecg": 32}, 32)).build()
+        Policy(TinyLM(**TINY_LM), encoders={"ecg": ecg}, projector=FusionProjector({"ecg": 32}, 32)).build()
     with pytest.raises(ValueError, match="no submodule 'projector'"):
-        Policy(TinyLM(**TINY), freeze=["projector"]).build()
+        tiny_text_policy(freeze=["projector"]).build()
     with pytest.raises(RuntimeError, match="not built"):
-        Policy(TinyLM(**TINY)).tokenizer  # noqa: B018
+        tiny_text_policy().tokenizer  # noqa: B018
 
 
 def test_build_is_idempotent_and_token_ids(text_policy):
@@ -236,9 +238,10 @@ def test_weights_from_another_tokenizer_are_refused(text_policy, tmp_path):
     checkpoint = {"state_dict": text_policy.state_dict()}
     text_policy.on_save_checkpoint(checkpoint)
     torch.save(checkpoint, path)
-    twin = Policy(TinyLM(**TINY), system_prompt=None).build()
+    twin = tiny_text_policy(system_prompt=None).build()
     load_policy_weights(twin, path)  # the same config builds the same tokenizer
-    other = Policy(TinyLM(**TINY, extra_corpus=lambda: ["zebra giraffe okapi"] * 50), system_prompt=None).build()
+    corpus = {"extra_corpus": lambda: ["zebra giraffe okapi"] * 50}
+    other = tiny_text_policy({**TINY_LM, **corpus}, system_prompt=None).build()
     assert other.tokenizer_fingerprint != text_policy.tokenizer_fingerprint
     with pytest.raises(ValueError, match="another tokenizer"):
         load_policy_weights(other, path)
@@ -270,7 +273,7 @@ def _assert_paths_agree(shared, per_row):
 
 
 def test_shared_prompt_logprobs_and_gradients_equal_the_per_row_path():
-    pol = Policy(TinyLM(**TINY), system_prompt=None).build().train()
+    pol = tiny_text_policy(system_prompt=None).build().train()
     gen = torch.Generator().manual_seed(0)
     h = pol.hidden_size
     # prompt lengths differ (one of a single token); prompt 3 is unused; groups of different sizes, out of order
@@ -306,15 +309,15 @@ def test_shared_prompts_reach_trainable_encoders_like_the_per_row_path(make_batc
 
 
 def test_policy_flag_and_gradient_checkpointing_select_the_per_row_path(monkeypatch):
-    pol = Policy(TinyLM(**TINY), system_prompt=None, share_prompts=False).build().train()
+    pol = tiny_text_policy(system_prompt=None, share_prompts=False).build().train()
     calls = []
-    per_row = pol._per_row_logits
-    monkeypatch.setattr(pol, "_per_row_logits", lambda *a: calls.append(1) or per_row(*a))
+    per_row = logprobs.per_row_logits
+    monkeypatch.setattr(logprobs, "per_row_logits", lambda *a: calls.append(1) or per_row(*a))
     embeds = [torch.randn(4, pol.hidden_size), torch.randn(6, pol.hidden_size)]
     args = (torch.randint(0, 400, (3, 5)), torch.ones(3, 5, dtype=torch.bool), torch.tensor([0, 1, 1]))
     pol.response_logprobs(embeds, *args)
     assert calls == [1]
-    pol.share_prompts = True
+    pol.options = dataclasses.replace(pol.options, share_prompts=True)
     pol.response_logprobs(embeds, *args)
     assert calls == [1]
     pol.lm.gradient_checkpointing_enable()  # transformers gives no cache then: fall back

@@ -7,14 +7,14 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from qoq.models import Policy, TinyLM
+from qoq.testing import TINY_LM, tiny_text_policy
 
-TINY = dict(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1)
 LORA = dict(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
 
 
 @pytest.fixture
 def lora_policy():
-    pol = Policy(TinyLM(**TINY), lora=LORA, system_prompt=None).build()
+    pol = tiny_text_policy(lora=LORA, system_prompt=None).build()
     with torch.no_grad():  # peft starts with B = 0 (a no-op adapter): make the adapters matter
         for name, p in pol.named_parameters():
             if "lora_B" in name:
@@ -34,7 +34,7 @@ def test_only_adapters_are_trainable(lora_policy):
 
 
 def test_reference_mode_is_the_base_model(lora_policy):
-    base, _ = TinyLM(**TINY).build()
+    base, _ = TinyLM(**TINY_LM).build()
     ids = torch.randint(3, 500, (2, 9))
     assert not torch.allclose(_logits(lora_policy.lm, ids), _logits(base, ids), atol=1e-3)
     with lora_policy.reference_mode():
@@ -67,9 +67,7 @@ def test_save_lm_writes_the_merged_model(lora_policy, tmp_path):
 
 @pytest.mark.parametrize(("bits", "layer"), [("8bit", "Linear8bitLt"), ("4bit", "Linear4bit")])
 def test_quantized_lm_builds_and_runs_on_cpu(bits, layer):
-    pol = Policy(
-        TinyLM(**TINY), quantization=bits, lora=dict(r=4, target_modules=["q_proj", "v_proj"])
-    ).build()
+    pol = tiny_text_policy(quantization=bits, lora=dict(r=4, target_modules=["q_proj", "v_proj"])).build()
     attn = pol.base_model.model.layers[0].self_attn
     assert type(attn.k_proj).__name__ == layer and type(attn.q_proj.base_layer).__name__ == layer
     prompt = pol.embed_ids(torch.randint(3, 500, (2, 6)))

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from qoq.types import ModalityBatch, PromptBatch, RewardTarget
+from qoq.testing import make_batch
 
 pytestmark = pytest.mark.vllm
 
@@ -17,16 +17,7 @@ def test_saved_lm_greedy_matches_hf_with_prompt_embeds(tmp_path):
         for name, p in policy.named_parameters():
             if "lora_B" in name:
                 p.normal_(0.0, 0.2)
-    target = RewardTarget(answer=("normal",), labels=("normal", "abnormal"))
-    batch = PromptBatch(
-        ids=["a"],
-        texts=["What does <image> show?"],
-        modalities={"image": ModalityBatch(torch.rand(1, 3, 32, 32), torch.tensor([0]))},
-        targets=[target],
-        domains=["x"],
-        datasets=["x"],
-        domain_ids=torch.zeros(1, dtype=torch.long),
-    )
+    batch = make_batch(["What does <image> show?"], modalities={"image": (torch.rand(1, 3, 32, 32), [0])})
     with torch.no_grad():
         embeds = policy.prompt_embeds(batch)[0]
         hf = policy.lm.generate(

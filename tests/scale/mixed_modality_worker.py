@@ -15,7 +15,6 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
@@ -28,6 +27,7 @@ from qoq.rl.advantages import GRPO
 from qoq.rl.rollout import HFEngine
 from qoq.strategies import CPUFSDPStrategy
 from qoq.systems import LossConfig, PolicyOptimization
+from qoq.testing import quiet_trainer
 from qoq.types import SamplingParams
 
 
@@ -66,16 +66,10 @@ def main(out: Path, qwen_vl: bool) -> None:
         trace_every=0,
         engine_dir=str(out / "engine"),
     )
-    trainer = L.Trainer(
-        max_steps=2,
-        accelerator="cpu",
+    trainer = quiet_trainer(
+        2,
         devices=2,
         strategy=CPUFSDPStrategy(timeout=timedelta(seconds=120)),
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
         limit_val_batches=0,
         use_distributed_sampler=False,
         default_root_dir=out,

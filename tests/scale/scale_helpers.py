@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from qoq.types import PromptBatch, RewardTarget
+from qoq.testing import fit, make_batch
+from qoq.types import PromptBatch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -163,35 +164,12 @@ class RankDump(Callback):
 
 def text_batch(texts: list[str], domains: list[str]) -> PromptBatch:
     """A text-only PromptBatch (answer "normal" of labels normal / abnormal) for system-level tests."""
-    return PromptBatch(
-        ids=[f"rec-{i}" for i in range(len(texts))],
-        texts=list(texts),
-        modalities={},
-        targets=[RewardTarget(answer=("normal",), labels=("normal", "abnormal")) for _ in texts],
-        domains=list(domains),
-        datasets=list(domains),
-        domain_ids=torch.zeros(len(texts), dtype=torch.long),
-    )
+    return make_batch(texts, domains=domains)
 
 
 def fit_system(system: Any, batches: list[Any], steps: int, callbacks: list[Any] = ()) -> Any:
     """Run ``steps`` RL steps of a ``PolicyOptimization`` on CPU (no logger files); returns the trainer."""
-    import lightning as L
-    from torch.utils.data import DataLoader
-
-    trainer = L.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=list(callbacks),
-    )
-    stream = [batches[i % len(batches)] for i in range(steps)]
-    trainer.fit(system, DataLoader(stream, batch_size=None, collate_fn=lambda b: b))
-    return trainer
+    return fit(system, batches, steps, callbacks=list(callbacks))
 
 
 class KillAt(Callback):

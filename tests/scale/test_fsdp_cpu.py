@@ -183,7 +183,7 @@ def test_two_process_fsdp_with_vllm_rollouts(tmp_path):
 def test_every_encoder_runs_on_every_rank_in_one_process(monkeypatch, qwen_vl):
     """The path that keeps sharded ranks in step, in one process: with data parallelism on, a text-only
     batch runs every encoder (on dummies) and gives each a zero gradient; the embeddings are unchanged."""
-    import qoq.models.policy as policy_module
+    from qoq.models import prompts
     from qoq.models.policy import tiny_policy
     from qoq.models.qwen_vl import tiny_qwen_vl_policy
     from scale_helpers import text_batch
@@ -196,7 +196,7 @@ def test_every_encoder_runs_on_every_rank_in_one_process(monkeypatch, qwen_vl):
     ran: list[str] = []
     for kind, encoder in policy.encoders.items():
         encoder.register_forward_hook(lambda module, args, out, kind=kind: ran.append(kind))
-    monkeypatch.setattr(policy_module, "_data_parallel", lambda: True)
+    monkeypatch.setattr(prompts, "data_parallel", lambda: True)
     embeds = policy.prompt_embeds(batch)
     for a, b in zip(alone, embeds):
         torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -14,9 +14,9 @@ from qoq.rl.rewards import RewardFn
 from qoq.rl.rollout import HFEngine
 from qoq.systems import PolicyOptimization
 from qoq.systems.policy_optimization import LossConfig
+from qoq.testing import TINY_LM, tiny_text_policy
 from qoq.types import SamplingParams
 
-TINY = {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1}
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "down_proj"]}
 BATCHES = [
     text_batch(["Is this chest x-ray normal?", "Describe the ECG."], ["chest_xray", "ecg"]),
@@ -26,7 +26,7 @@ BATCHES = [
 
 def _system(quantization: str | None, optimizer: str = "adamw") -> PolicyOptimization:
     return PolicyOptimization(
-        Policy(TinyLM(**TINY), lora=LORA, quantization=quantization, system_prompt=None),
+        tiny_text_policy(lora=LORA, quantization=quantization, system_prompt=None),
         advantage=DRPO(window=10, kl_damping=True),
         reward=RewardFn(weights={"accuracy": 0.5, "format": 0.1, "length": 0.4}),  # a signal for a random LM
         rollout=HFEngine(),
@@ -74,7 +74,7 @@ def test_reference_logprobs_come_from_the_base_model():
     system = _system(None)
     system.configure_model()
     _randomise_adapters(system.policy)
-    base, _ = TinyLM(**TINY).build()
+    base, _ = TinyLM(**TINY_LM).build()
     ids = torch.randint(3, 400, (2, 7))
     with torch.no_grad(), system.policy.reference_mode():
         torch.testing.assert_close(system.policy.lm(ids).logits, base(ids).logits)
@@ -83,7 +83,7 @@ def test_reference_logprobs_come_from_the_base_model():
 @pytest.mark.parametrize("bits", ["8bit", "4bit"])
 def test_quantized_sync_weights_are_dequantized_and_merged(bits):
     """A dense model built from the pushed weights computes what the QLoRA policy computes."""
-    policy = Policy(TinyLM(**TINY), lora=LORA, quantization=bits, system_prompt=None).build()
+    policy = tiny_text_policy(lora=LORA, quantization=bits, system_prompt=None).build()
     _randomise_adapters(policy)
     weights = dict(policy.lm_weights_for_sync())  # before any forward pass
     assert not any("absmax" in n or "quant" in n or n.endswith(".SCB") or "lora_" in n for n in weights)
@@ -101,7 +101,7 @@ def test_quantized_sync_weights_are_dequantized_and_merged(bits):
 @pytest.mark.vllm
 @pytest.mark.parametrize("quantization", [None, "4bit"])
 def test_vllm_greedy_output_matches_the_trainer_after_a_merged_sync(quantization, tmp_path):
-    policy = Policy(TinyLM(**TINY), lora=LORA, quantization=quantization, system_prompt=None).build()
+    policy = tiny_text_policy(lora=LORA, quantization=quantization, system_prompt=None).build()
     _randomise_adapters(policy)
     prompts = [policy.embed_ids(torch.randint(3, 400, (n,))).detach() for n in (6, 11, 9)]
     hf = HFEngine()

@@ -14,11 +14,12 @@ import bitsandbytes as bnb
 import pytest
 import torch
 from scale_helpers import vllm_greedy_after_sync
-from test_lora import LORA, TINY, _randomise_adapters
+from test_lora import LORA, _randomise_adapters
 
-from qoq.models import Policy, TinyLM
-from qoq.models.policy import _dequantized_weights
+from qoq.models import Policy
+from qoq.models.weights import dequantized_weights
 from qoq.rl.rollout import HFEngine
+from qoq.testing import tiny_text_policy
 from qoq.types import SamplingParams
 
 IDS = torch.randint(3, 400, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -26,7 +27,7 @@ IDS = torch.randint(3, 400, (2, 9), generator=torch.Generator().manual_seed(0))
 
 def _qlora_policy(seed: int = 0) -> Policy:
     torch.manual_seed(seed)
-    policy = Policy(TinyLM(**TINY), lora=LORA, quantization="4bit", system_prompt=None).build()
+    policy = tiny_text_policy(lora=LORA, quantization="4bit", system_prompt=None).build()
     _randomise_adapters(policy)
     return policy
 
@@ -69,14 +70,14 @@ def test_checkpoint_after_an_inference_forward_reloads_the_same_base_weights():
     """(c) A checkpoint written after a rollout holds the frozen 4-bit base exactly as quantized, and loads
     back strictly (the quantization state saved beside each 4-bit weight is read back too)."""
     policy = _qlora_policy()
-    want = _dequantized_weights(policy.lm)
+    want = dequantized_weights(policy.lm)
     _inference_forward(policy)
     buffer = io.BytesIO()
     torch.save(policy.state_dict(), buffer)
     buffer.seek(0)
     reloaded = _qlora_policy(seed=1)  # other random weights, overwritten by the checkpoint
     reloaded.load_state_dict(torch.load(buffer, weights_only=True), strict=True)
-    got = _dequantized_weights(reloaded.lm)
+    got = dequantized_weights(reloaded.lm)
     assert want.keys() == got.keys() and want
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)
@@ -88,7 +89,7 @@ def test_dequantizing_a_repacked_weight_is_refused():
     layer = next(m for m in policy.lm.modules() if isinstance(m, bnb.nn.Linear4bit))
     layer.weight.quant_state.packing_format_for_cpu = True  # what the repack leaves (its flag)
     with pytest.raises(RuntimeError, match="CPU inference layout"):
-        _dequantized_weights(policy.lm)
+        dequantized_weights(policy.lm)
 
 
 @pytest.mark.vllm

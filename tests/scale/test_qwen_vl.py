@@ -14,7 +14,8 @@ from qoq.rl.rollout import HFEngine
 from qoq.strategies import layer_classes
 from qoq.systems import PolicyOptimization
 from qoq.systems.policy_optimization import LossConfig
-from qoq.types import ModalityBatch, PromptBatch, RewardTarget, SamplingParams
+from qoq.testing import make_batch
+from qoq.types import PromptBatch, SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -33,18 +34,9 @@ def _batch(n_images: int = 2) -> PromptBatch:
     g = torch.Generator().manual_seed(0)
     questions = ["<image>\nIs this chest x-ray normal?", "<image>\nAny lesion?"]
     texts = [questions[i % 2] for i in range(n_images)] + ["<ecg>\nRhythm?"]
-    return PromptBatch(
-        ids=[f"rec-{i}" for i in range(len(texts))],
-        texts=texts,
-        modalities={
-            "image": ModalityBatch(torch.rand(n_images, 3, 64, 64, generator=g), torch.arange(n_images)),
-            "ecg": ModalityBatch(torch.randn(1, 8, 2500, generator=g), torch.tensor([n_images])),
-        },
-        targets=[RewardTarget(answer=("normal",), labels=("normal", "abnormal")) for _ in texts],
-        domains=["chest_xray", "dermoscopy"][:n_images] + ["ecg"],
-        datasets=["a", "b"][:n_images] + ["c"],
-        domain_ids=torch.zeros(len(texts), dtype=torch.long),
-    )
+    images = torch.rand(n_images, 3, 64, 64, generator=g)
+    modalities = {"image": (images, range(n_images)), "ecg": (torch.randn(1, 8, 2500, generator=g), [n_images])}
+    return make_batch(texts, modalities=modalities, domains=["chest_xray", "dermoscopy"][:n_images] + ["ecg"])
 
 
 def test_language_model_split_is_exact(policy, native):
@@ -160,17 +152,7 @@ def test_drpo_steps_with_image_and_ecg_rollouts():
 def test_image_prompts_have_one_token_per_merge_unit(policy):
     batch = _batch(1)
     embeds = policy.prompt_embeds(batch)
-    text_only = policy.prompt_embeds(
-        PromptBatch(
-            ids=["t"],
-            texts=["\nIs this chest x-ray normal?"],
-            modalities={},
-            targets=batch.targets[:1],
-            domains=["chest_xray"],
-            datasets=["a"],
-            domain_ids=torch.zeros(1, dtype=torch.long),
-        )
-    )
+    text_only = policy.prompt_embeds(make_batch(["\nIs this chest x-ray normal?"], domains=["chest_xray"]))
     assert embeds[0].shape[0] - text_only[0].shape[0] == (56 // 28) ** 2
     assert embeds[1].shape[0] > 0  # the ECG prompt: one projected token
 

@@ -7,19 +7,18 @@ import pytest
 import torch
 from scale_helpers import fit_system, text_batch
 
-from qoq.models import Policy, TinyLM
 from qoq.rl.advantages import GRPO
 from qoq.rl.rewards import RewardFn
 from qoq.rl.rollout import HFEngine
 from qoq.systems import PolicyOptimization
+from qoq.testing import tiny_text_policy
 from qoq.types import RolloutBatch, SamplingParams
 
-TINY = {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1}
 
 
 def _split(token_budget, micro_batch_size, prompt_lengths, prompt_index, width):
     system = PolicyOptimization(
-        Policy(TinyLM(**TINY)), token_budget=token_budget, micro_batch_size=micro_batch_size
+        tiny_text_policy(), token_budget=token_budget, micro_batch_size=micro_batch_size
     )
     n = len(prompt_index)
     rollout = RolloutBatch(
@@ -55,7 +54,7 @@ class _GradCapture(L.Callback):
 
 def _step_gradients(token_budget):
     system = PolicyOptimization(
-        Policy(TinyLM(**TINY), system_prompt=None),
+        tiny_text_policy(system_prompt=None),
         advantage=GRPO(),
         reward=RewardFn(weights={"accuracy": 0.5, "length": 0.5}),
         rollout=HFEngine(),
@@ -79,4 +78,4 @@ def test_a_token_budget_gives_the_gradient_of_one_whole_pass():
 @pytest.mark.parametrize("budget", [0, -5])
 def test_bad_budget_is_rejected(budget):
     with pytest.raises(ValueError, match="token_budget"):
-        PolicyOptimization(Policy(TinyLM(**TINY)), token_budget=budget)
+        PolicyOptimization(tiny_text_policy(), token_budget=budget)
