@@ -27,7 +27,7 @@ from qoq.data import ClinicalDataModule
 from qoq.data.dataset import ClinicalDataset, collate
 from qoq.data.domains import DOMAINS
 from qoq.data.manifest import read_manifest
-from qoq.models import FusionProjector, Policy, TinyLM, VisionEncoder
+from qoq.models import FusionProjector, Policy, PolicyOptions, TinyLM, VisionEncoder
 from qoq.rl.advantages import DRPO, GRPO
 from qoq.rl.rewards import RewardFn, set_f1
 from qoq.rl.rollout import HFEngine
@@ -91,7 +91,7 @@ def _policy() -> Policy:
         ),
         encoders={"image": VisionEncoder(image_size=SIZE, backbone_kwargs=vit)},
         projector=FusionProjector(in_dims={"image": 32}, hidden_size=64, tokens_per_item={"image": 2}),
-        system_prompt=None,
+        options=PolicyOptions(system_prompt=None),
     )
 
 
