@@ -12,6 +12,8 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import sys
 import warnings
@@ -130,7 +132,15 @@ def _cli_class(argv: list[str]):
             cfg.ckpt_path = str(_resolve_checkpoint(cfg.ckpt_path, cfg.trainer.default_root_dir or "."))
             fill_seeds(cfg)  # the checkpoint holds the seeds its run derived from seed_everything
             given = self.config.clone()
-            super()._parse_ckpt_path()  # the checkpoint's model settings over the given ones
+            try:
+                with contextlib.redirect_stderr(io.StringIO()):
+                    super()._parse_ckpt_path()  # the checkpoint's model settings over the given ones
+            except SystemExit:
+                self.config = given
+                print(f"qoq {subcommand}: the model settings saved in {cfg.ckpt_path} do not parse with this "
+                      "version of qoq (an older checkpoint?); they were not compared, the given ones are used",
+                      file=sys.stderr)  # fmt: skip
+                return
             differences = _differences(given[subcommand].get("model"), self.config[subcommand].get("model"))
             self.config = given
             if not differences:

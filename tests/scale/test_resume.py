@@ -174,3 +174,23 @@ def test_resuming_with_other_model_settings_lists_the_differences(setup_files, f
     err = capsys.readouterr().err
     assert "model.init_args.lr: 0.003 in the checkpoint, 0.5 now" in err
     assert "model.init_args.loss.kl_coef: 0.001 in the checkpoint, 0.0 now" in err
+
+
+def test_a_checkpoint_whose_saved_settings_do_not_parse_is_used_with_the_given_ones(
+    setup_files, full_run, tmp_path, capsys
+):
+    """A checkpoint written by an older qoq (its saved model settings no longer parse) still evaluates: the
+    settings on the command line are used and the user is told they were not compared."""
+    import torch
+
+    _, args = setup_files
+    ckpt = torch.load(full_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt["hyper_parameters"]["policy"]["init_args"]["an_option_of_an_older_qoq"] = 1
+    old = tmp_path / "old.ckpt"
+    torch.save(ckpt, old)
+    code = main(["test", *args, "--trainer.default_root_dir", str(tmp_path / "eval"), "--ckpt_path", str(old),
+                 "--trainer.limit_test_batches", "1"])  # fmt: skip
+    assert code == 0
+    err = capsys.readouterr().err
+    assert f"the model settings saved in {old} do not parse with this version of qoq" in err
+    assert "Parsing of ckpt_path hyperparameters failed" not in err
