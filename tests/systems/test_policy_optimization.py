@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 
 from qoq.data import MultiDomainDataModule
 from qoq.models.policy import tiny_policy
-from qoq.rl.advantages import DRPO, GRPO
+from qoq.rl.advantages import DRPO, GRPO, AdvantageInputs
 from qoq.rl.rewards import RewardFn
 from qoq.rl.rollout import HFEngine
 from qoq.systems import LossConfig, NonFiniteError, PolicyOptimization
@@ -101,8 +101,8 @@ def test_drpo_state_round_trips_through_checkpoint(tmp_path, datamodule) -> None
     groups = torch.tensor([0, 0, 1, 1])
     domains = torch.tensor([0, 0, 1, 1])
     kl = torch.zeros(4)
-    a = system.advantage(rewards, groups, domains, kl=kl).advantages
-    b = restored.advantage(rewards, groups, domains, kl=kl).advantages
+    a = system.advantage(AdvantageInputs(rewards, groups, domains, kl=kl)).advantages
+    b = restored.advantage(AdvantageInputs(rewards, groups, domains, kl=kl)).advantages
     torch.testing.assert_close(a, b)
 
 
@@ -187,9 +187,9 @@ def test_drpo_kl_damping_uses_the_engine_logprobs_when_reusing(tmp_path, one_bat
     seen = []
 
     class Recording(DRPO):
-        def __call__(self, rewards, group_ids, domain_ids, kl=None, **kwargs):
-            seen.append(kl.clone())
-            return super().__call__(rewards, group_ids, domain_ids, kl=kl, **kwargs)
+        def __call__(self, inputs):
+            seen.append(inputs.kl.clone())
+            return super().__call__(inputs)
 
     _, _, _, forwards = _run(tmp_path, one_batch, advantage=Recording(window=5))
     assert forwards == [] and seen[0].shape == (6,) and torch.isfinite(seen[0]).all()

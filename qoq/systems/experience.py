@@ -1,0 +1,102 @@
+"""What one RL step trains on (:class:`Experience`), and the one domain id every part of the step uses.
+
+Domain ids: :func:`domain_ids` is the only place a prompt's domain becomes an integer: the CRC-32 of its
+domain key, ``"ct"`` (``by="domain"``, the paper) or ``"ct/dataset"`` (``by="dataset"``, the released code).
+The same on every rank and in every run, so DRPO's history, the logged metrics and the statistics handed
+to the adaptive sampler agree; ``names`` maps ids back to keys. (``PromptBatch.domain_ids``, the data
+module's index into :data:`qoq.data.domains.DOMAINS`, stays a data-side detail.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import Tensor
+
+from qoq.rl.rewards import RewardOutput
+from qoq.systems.update import OldLogprobs
+from qoq.types import PromptBatch, RolloutBatch
+
+if TYPE_CHECKING:
+    from qoq.systems.dynamic_sampling import Collected
+
+DomainKey = Literal["domain", "dataset"]
+
+
+def domain_key(domain: str, dataset: str, by: DomainKey) -> str:
+    """The key a prompt is grouped by: its domain, or ``domain/dataset``."""
+    return domain if by == "domain" else f"{domain}/{dataset}"
+
+
+def domain_id(key: str) -> int:
+    """The stable id of a domain key (CRC-32): identical on every rank and in every run."""
+    return zlib.crc32(key.encode())
+
+
+def domain_ids(batch: PromptBatch, by: DomainKey, names: dict[int, str] | None = None) -> Tensor:
+    """``[P]`` long: the domain id of each prompt; ``names`` (if given) gets id -> key of each."""
+    keys = [domain_key(d, s, by) for d, s in zip(batch.domains, batch.datasets, strict=True)]
+    ids = [domain_id(k) for k in keys]
+    if names is not None:
+        names.update(zip(ids, keys, strict=True))
+    return torch.tensor(ids, dtype=torch.long)
+
+
+@dataclass
+class Experience:
+    """One training step's data, filled in the order of the step.
+
+    Attributes:
+        batch: the P prompts trained on.
+        rollout: their N responses (``prompt_index [N]`` into ``batch``).
+        scored: rewards, ``total [N]`` and ``components {name: [N]}``.
+        embeds: P prompt embeddings ``[L_i, H]`` (no grad).
+        domain_ids: ``[N]`` domain id of each response (:func:`domain_ids`).
+        generated: every generated group of the step (kept or not, dynamic sampling), for the domain statistics.
+        ref_logp: ``[N, R]`` reference log-probs, or None (no KL term, no damping).
+        old: old log-probs known before the update.
+        kl: ``[N]`` per-response KL(sampling policy || reference) for DRPO's damping, or None.
+        advantages: ``[N]``.
+        advantage_metrics: the estimator's diagnostics.
+    """
+
+    batch: PromptBatch
+    rollout: RolloutBatch
+    scored: RewardOutput
+    embeds: list[Tensor]
+    domain_ids: Tensor
+    generated: Collected
+    ref_logp: Tensor | None = None
+    old: OldLogprobs | None = None
+    kl: Tensor | None = None
+    advantages: Tensor | None = None
+    advantage_metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rewards(self) -> Tensor:
+        """``[N]`` float32 total rewards on the responses' device."""
+        return self.scored.total.to(self.rollout.response_ids.device, torch.float32)
+
+
+class Clock:
+    """Accumulates wall time per phase into ``timers``: ``with clock("rollout"): ...``."""
+
+    def __init__(self) -> None:
+        self.timers: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timers[name] = self.timers.get(name, 0.0) + time.perf_counter() - start
+
+
+__all__ = ["Clock", "DomainKey", "Experience", "domain_id", "domain_ids", "domain_key"]
