@@ -107,7 +107,7 @@ class GoldenRecorder(Callback):
         self.steps: list[dict[str, Any]] = []
         self.final: dict[str, Any] = {}
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         trace = pl_module.last_rollout_trace or []
         metrics = {
             k: float(v)
@@ -125,7 +125,7 @@ class GoldenRecorder(Callback):
             }
         )
 
-    def on_train_end(self, trainer, pl_module) -> None:  # noqa: D102
+    def on_train_end(self, trainer, pl_module) -> None:
         weights = {k: v for k, v in pl_module.policy.state_dict().items()}
         self.final = {
             "weights": digest(weights),
@@ -163,6 +163,11 @@ def run_demo(variant: str) -> dict[str, Any]:
         return json.loads(out.read_text())
 
 
+def _canon(value: Any) -> str:
+    """A value as canonical JSON text: equal texts are equal values, NaN included."""
+    return json.dumps(value, sort_keys=True)
+
+
 def differences(ref: dict[str, Any], new: dict[str, Any], limit: int = 20) -> list[str]:
     """Human-readable differences between two records (empty when identical)."""
     out: list[str] = []
@@ -170,12 +175,13 @@ def differences(ref: dict[str, Any], new: dict[str, Any], limit: int = 20) -> li
         out.append(f"steps: {len(ref['steps'])} recorded, {len(new['steps'])} now")
     for a, b in zip(ref["steps"], new["steps"]):
         for key in ("responses", "rewards", "components", "advantages"):
-            if a[key] != b[key]:
-                out.append(f"step {a['step']} {key}: first differing row "
-                           f"{next(i for i, (x, y) in enumerate(zip(a[key], b[key])) if x != y) if len(a[key]) == len(b[key]) else 'count'}")  # fmt: skip
+            rows_a, rows_b = [_canon(x) for x in a[key]], [_canon(x) for x in b[key]]
+            if rows_a != rows_b:
+                bad = [i for i, (x, y) in enumerate(zip(rows_a, rows_b)) if x != y]
+                out.append(f"step {a['step']} {key}: rows {bad[:5]} differ ({len(rows_a)} recorded, {len(rows_b)} now)")
         for k in sorted(set(a["metrics"]) | set(b["metrics"])):
             x, y = a["metrics"].get(k), b["metrics"].get(k)
-            if x != y and not (x != x and y != y):  # NaN == NaN here
+            if _canon(x) != _canon(y):
                 out.append(f"step {a['step']} {k}: {x!r} recorded, {y!r} now")
     for key in ("weights", "optimizer", "estimator"):
         if ref["final"][key] != new["final"][key]:

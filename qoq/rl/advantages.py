@@ -7,7 +7,6 @@ are what configs select by ``class_path``; they share the :class:`AdvantageEstim
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -308,21 +307,21 @@ class GRPO(Stateless):
     def __init__(self, eps: float = 1e-6):
         self.eps = eps
 
-    def score(self, inputs: AdvantageInputs) -> Tensor:  # noqa: D102
+    def score(self, inputs: AdvantageInputs) -> Tensor:
         return grpo(inputs.rewards, inputs.group_ids, self.eps)
 
 
 class DrGRPO(Stateless):
     """Dr. GRPO: reward minus the group mean, no std division."""
 
-    def score(self, inputs: AdvantageInputs) -> Tensor:  # noqa: D102
+    def score(self, inputs: AdvantageInputs) -> Tensor:
         return dr_grpo(inputs.rewards, inputs.group_ids)
 
 
 class RLOO(Stateless):
     """REINFORCE leave-one-out: reward minus the mean of the group's other rewards."""
 
-    def score(self, inputs: AdvantageInputs) -> Tensor:  # noqa: D102
+    def score(self, inputs: AdvantageInputs) -> Tensor:
         return rloo(inputs.rewards, inputs.group_ids)
 
 
@@ -336,7 +335,7 @@ class ReinforcePPBaseline(Stateless):
     def __init__(self, eps: float = 1e-6):
         self.eps = eps
 
-    def score(self, inputs: AdvantageInputs) -> Tensor:  # noqa: D102
+    def score(self, inputs: AdvantageInputs) -> Tensor:
         return reinforce_pp_baseline(inputs.rewards, inputs.group_ids, self.eps)
 
 

@@ -10,7 +10,8 @@ or a cap of generation batches is reached. The filter is :class:`DynamicSampling
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -18,7 +19,7 @@ from torch import Tensor
 from qoq.rl.groups import filter_zero_variance
 from qoq.rl.rewards import RewardOutput
 from qoq.systems.experience import domain_ids
-from qoq.types import PromptBatch, RolloutBatch
+from qoq.types import PromptBatch, RolloutBatch, SamplingParams
 
 #: One generation: a prompt batch -> its prompt embeddings (P x [L_i, H]), rollouts and rewards.
 Generate = Callable[[PromptBatch, int], tuple[list[Tensor], RolloutBatch, RewardOutput]]
@@ -172,6 +173,50 @@ def _response_domains(batch: PromptBatch, rollout: RolloutBatch) -> Tensor:
     return domain_ids(batch, "domain").to(rollout.prompt_index.device)[rollout.prompt_index]
 
 
+def generator(
+    policy: Any, engine: Any, reward: Any, sampling: SamplingParams, step: int, device: Any, clock: Any
+) -> Generate:
+    """The step's :data:`Generate`: embed the prompts, roll out (moved to ``device``), score.
+
+    With a sampling seed, each step and each generation of a step gets a distinct seed.
+
+    Args:
+        policy: the policy (``prompt_embeds``).
+        engine: the rollout engine (``generate``).
+        reward: the reward function.
+        sampling: the training sampling settings.
+        step: the global step.
+        device: where the rollouts go.
+        clock: ``clock(name)`` context timing the "rollout" and "reward" phases.
+    """
+
+    def generate(prompts: PromptBatch, k: int) -> tuple[list[Tensor], RolloutBatch, RewardOutput]:
+        params = sampling if sampling.seed is None else replace(sampling, seed=sampling.seed + step + 1_000_003 * k)
+        with clock("rollout"):
+            with torch.no_grad():
+                embeds = policy.prompt_embeds(prompts)  # P x [L_i, H]
+            rollout = engine.generate([e.detach() for e in embeds], params)
+            moved = {n: v.to(device) for n, v in vars(rollout).items() if isinstance(v, Tensor)}
+            rollout = replace(rollout, **moved)
+        with clock("reward"):
+            scored = reward(rollout.texts, [prompts.targets[i] for i in rollout.prompt_index.tolist()])
+        return embeds, rollout, scored
+
+    return generate
+
+
+def collect(
+    batch: PromptBatch, generate: Generate, settings: DynamicSampling | None, draw: Draw | None, pad_id: int
+) -> Collected:
+    """:func:`collect_plain` without dynamic-sampling ``settings``, else :func:`collect_dynamic`."""
+    if settings is None:
+        return collect_plain(batch, generate)
+    if draw is None:
+        raise ValueError("dynamic_sampling draws more prompts from the data module's extra_batch(stream_index, draw); "
+                         "fit with a qoq data module (e.g. qoq.data.MultiDomainDataModule)")  # fmt: skip
+    return collect_dynamic(batch, generate, draw, settings, pad_id)
+
+
 def collect_plain(batch: PromptBatch, generate: Generate) -> Collected:
     """One generation of the step's batch, trained on as is."""
     embeds, rollout, scored = generate(batch, 0)
@@ -276,4 +321,14 @@ def collect_dynamic(
                      buffer.num_groups, metrics=metrics, **generated)  # fmt: skip
 
 
-__all__ = ["Collected", "DynamicSampling", "DynamicSamplingBuffer", "collect_dynamic", "collect_plain", "concat_rewards", "select_reward"]
+__all__ = [
+    "Collected",
+    "DynamicSampling",
+    "DynamicSamplingBuffer",
+    "collect",
+    "collect_dynamic",
+    "collect_plain",
+    "concat_rewards",
+    "generator",
+    "select_reward",
+]

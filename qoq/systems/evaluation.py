@@ -5,8 +5,25 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
+
 from qoq.rl.rewards import RewardOutput, extract_answer, parse_boxes
-from qoq.types import PromptBatch, RolloutBatch
+from qoq.types import PromptBatch, RolloutBatch, SamplingParams
+
+
+def generate(policy: Any, engine: Any, batch: PromptBatch, params: SamplingParams) -> RolloutBatch:
+    """The policy's responses to ``batch`` (no gradients), e.g. with the greedy ``eval_sampling``."""
+    with torch.no_grad():
+        embeds = policy.prompt_embeds(batch)
+        return engine.generate([e.detach() for e in embeds], params)
+
+
+def prediction_rows(batch: PromptBatch, rollout: RolloutBatch, synonyms: Any) -> list[dict[str, Any]]:
+    """One :func:`qoq.callbacks.predictions.prediction_row` per response (reasoning, boxes, answer)."""
+    from qoq.callbacks.predictions import prediction_row
+
+    index = rollout.prompt_index.tolist()
+    return [prediction_row(batch, i, text, synonyms) for text, i in zip(rollout.texts, index, strict=True)]
 
 
 def eval_records(batch: PromptBatch, rollout: RolloutBatch, scored: RewardOutput, synonyms: Any) -> list[Any]:
@@ -52,4 +69,4 @@ def _safe_boxes(text: str) -> list:
         return []
 
 
-__all__ = ["eval_records"]
+__all__ = ["eval_records", "generate", "prediction_rows"]

@@ -12,13 +12,14 @@ from __future__ import annotations
 import contextlib
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
 
+from qoq.rl.advantages import AdvantageInputs
 from qoq.rl.rewards import RewardOutput
 from qoq.systems.update import OldLogprobs
 from qoq.types import PromptBatch, RolloutBatch
@@ -58,7 +59,8 @@ class Experience:
         scored: rewards, ``total [N]`` and ``components {name: [N]}``.
         embeds: P prompt embeddings ``[L_i, H]`` (no grad).
         domain_ids: ``[N]`` domain id of each response (:func:`domain_ids`).
-        generated: every generated group of the step (kept or not, dynamic sampling), for the domain statistics.
+        generated: every group generated in the step (kept or not), for the domain statistics.
+        plan: the update's response rows per epoch and mini-batch (:func:`qoq.systems.update.mini_batch_plan`).
         ref_logp: ``[N, R]`` reference log-probs, or None (no KL term, no damping).
         old: old log-probs known before the update.
         kl: ``[N]`` per-response KL(sampling policy || reference) for DRPO's damping, or None.
@@ -72,6 +74,7 @@ class Experience:
     embeds: list[Tensor]
     domain_ids: Tensor
     generated: Collected
+    plan: list[list[Tensor]]
     ref_logp: Tensor | None = None
     old: OldLogprobs | None = None
     kl: Tensor | None = None
@@ -82,6 +85,20 @@ class Experience:
     def rewards(self) -> Tensor:
         """``[N]`` float32 total rewards on the responses' device."""
         return self.scored.total.to(self.rollout.response_ids.device, torch.float32)
+
+
+def advantage_inputs(
+    exp: Experience, weights: dict[str, float], gather: Callable[[Tensor, dict[str, Tensor]], Any]
+) -> AdvantageInputs:
+    """The estimator's inputs over the global batch: ``gather`` (:func:`qoq.strategies.gather_groups`)
+    brings every rank's rows, rank by rank, with disjoint group ids."""
+    kl = exp.kl if exp.kl is not None else torch.zeros_like(exp.rewards)
+    device = exp.rewards.device
+    comps = {f"component/{k}": v.to(device, torch.float32) for k, v in exp.scored.components.items()}
+    groups, v = gather(exp.rollout.prompt_index, {"rewards": exp.rewards, "domains": exp.domain_ids, "kl": kl, **comps})
+    components = {k.removeprefix("component/"): x for k, x in v.items() if k.startswith("component/")}
+    return AdvantageInputs(v["rewards"], groups, v["domains"], v["kl"] if exp.kl is not None else None, components,
+                           weights)  # fmt: skip
 
 
 class Clock:
@@ -99,4 +116,4 @@ class Clock:
             self.timers[name] = self.timers.get(name, 0.0) + time.perf_counter() - start
 
 
-__all__ = ["Clock", "DomainKey", "Experience", "domain_id", "domain_ids", "domain_key"]
+__all__ = ["Clock", "DomainKey", "Experience", "advantage_inputs", "domain_id", "domain_ids", "domain_key"]

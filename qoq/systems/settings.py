@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import torch
 
@@ -31,8 +34,8 @@ def check_settings(
     problems = [
         message
         for bad, message in (
-            (n < 2, f"sampling.n={n}: group-relative advantages (every estimator qoq ships) need >= 2 responses "
-             "per prompt; with one they are all zero and nothing trains"),
+            (n < 2, (f"sampling.n={n}: group-relative advantages (every estimator qoq ships) need >= 2 "
+                     "responses per prompt; with one they are all zero and nothing trains")),
             (not lr > 0, f"lr={lr} must be > 0"),
             (weight_decay < 0, f"weight_decay={weight_decay} must be >= 0"),
             (ppo_epochs < 1, f"ppo_epochs={ppo_epochs} must be >= 1"),
@@ -48,6 +51,27 @@ def check_settings(
         raise ValueError("PolicyOptimization: " + "; ".join(problems))
     if init_policy_from and not Path(init_policy_from).expanduser().is_file():
         raise FileNotFoundError(f"init_policy_from: no checkpoint at {init_policy_from} (run the SFT stage first?)")
+
+
+def save_config(module: Any, frame: FrameType | None, dataclasses: dict[str, Any]) -> None:
+    """Save a module's settings in its checkpoints as config, never as pickled objects (``weights_only`` loads).
+
+    Built by LightningCLI (its hyperparameters then carry ``_class_path``), the parsed config is saved whole,
+    components included (``qoq test --ckpt_path`` and ``qoq export`` rebuild from it). Built in Python, the
+    component objects are left out and the settings ``dataclasses`` (name -> value or None) stored as dicts.
+
+    Args:
+        module: the LightningModule, from its ``__init__``.
+        frame: that ``__init__``'s frame (``inspect.currentframe()``).
+        dataclasses: the settings dataclasses by argument name.
+    """
+    objects = ["policy", "advantage", "reward", "rollout", *dataclasses]
+    module.save_hyperparameters(ignore=objects, frame=frame)
+    if "_class_path" in module.hparams:
+        module.save_hyperparameters(frame=frame)
+    for key, value in dataclasses.items():
+        if value is not None and not isinstance(module.hparams.get(key), dict):
+            module.hparams[key] = asdict(value)
 
 
 def load_policy_weights(policy: Policy, ckpt_path: str | Path) -> None:
@@ -73,4 +97,4 @@ def load_policy_weights(policy: Policy, ckpt_path: str | Path) -> None:
         )
 
 
-__all__ = ["check_settings", "load_policy_weights"]
+__all__ = ["check_settings", "load_policy_weights", "save_config"]

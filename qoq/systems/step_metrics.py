@@ -6,13 +6,18 @@ Plain functions of an :class:`~qoq.systems.experience.Experience`; the system on
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from qoq.rl.groups import domain_batch_stats, zero_variance_fraction
-from qoq.systems.experience import Experience
+from qoq.systems.dynamic_sampling import Collected
+from qoq.systems.experience import Experience, domain_id
+
+#: ``(group_ids [N], {name: [N]}) -> (group_ids [M], {name: [M]})`` over every rank.
+Gather = Callable[[Tensor, dict[str, Tensor]], tuple[Tensor, dict[str, Tensor]]]
 
 
 def step_logs(
@@ -21,7 +26,8 @@ def step_logs(
     sync_seconds: float,
     timers: dict[str, float],
     domain_names: dict[int, str],
-    extra: dict[str, Any] | None = None,
+    domain_stats: dict[str, dict[str, float]] | None = None,
+    seen: set[str] | None = None,
 ) -> dict[str, Any]:
     """The step's ``train/*``, ``time/*`` and ``time_share/*`` values (tensors or floats).
 
@@ -31,7 +37,9 @@ def step_logs(
         sync_seconds: the weight sync's wall time.
         timers: wall time per phase.
         domain_names: domain id -> key, to name the estimator's per-domain metrics.
-        extra: further ``name -> value`` entries, added as they are.
+        domain_stats: :func:`domain_stats` of the step (logged as ``train/zero_var_frac/<domain>``).
+        seen: every name logged on earlier steps (updated): those absent now are logged as NaN, or
+            Lightning's result collection would repeat a domain's last value on steps without it.
     """
     logs = _reward_logs(exp)
     logs["train/sync_ms"] = sync_seconds * 1000.0
@@ -46,8 +54,12 @@ def step_logs(
     logs.update(_domain_logs(exp))
     logs.update(advantage_logs(exp.advantage_metrics, domain_names))
     logs.update(_mismatch_logs(exp))
-    logs.update(extra or {})
+    logs.update({f"train/{k}": v for k, v in exp.generated.metrics.items()})  # dynamic sampling
+    logs.update({f"train/zero_var_frac/{d}": s["zero_var_frac"] for d, s in (domain_stats or {}).items()})
     logs.update(_time_logs(timers))
+    if seen is not None:
+        seen.update(logs)
+        logs.update({k: float("nan") for k in seen - logs.keys()})
     return logs
 
 
@@ -115,19 +127,25 @@ def _time_logs(timers: dict[str, float]) -> dict[str, float]:
     return logs
 
 
-def domain_stats(
-    rewards: Tensor, groups: Tensor, domains: Tensor, names: dict[int, str], tol: float
-) -> dict[str, dict[str, float]]:
-    """Per clinical domain name: zero-variance group share, mean reward and group count.
+def domain_stats(generated: Collected, gather: Gather, tol: float, device: Any = None) -> dict[str, dict[str, float]]:
+    """Per clinical domain name, over every group generated this step on every rank: zero-variance group
+    share, mean reward and group count (what the adaptive sampler reads).
 
     Args:
-        rewards: ``[M]`` rewards of every generated response of the step (all ranks).
-        groups: ``[M]`` their group ids.
-        domains: ``[M]`` their clinical domain ids.
-        names: domain id -> name.
+        generated: the step's collection (``generated_rewards / _groups / _domains``).
+        gather: ``(group_ids, {name: values}) -> (group_ids, values)`` of every rank
+            (:func:`qoq.strategies.gather_groups`).
         tol: reward spread counted as zero variance.
+        device: where the values are gathered (the module's device).
     """
-    stats = domain_batch_stats(rewards.cpu(), groups.cpu(), domains.cpu(), tol=tol)
+    from qoq.data.domains import DOMAINS
+
+    groups, values = gather(generated.generated_groups.to(device), {
+        "rewards": generated.generated_rewards.to(device, torch.float32),
+        "domains": generated.generated_domains.to(device),
+    })  # fmt: skip
+    stats = domain_batch_stats(values["rewards"].cpu(), groups.cpu(), values["domains"].cpu(), tol=tol)
+    names = {domain_id(d): d for d in DOMAINS}
     return {names.get(d, str(d)): s for d, s in stats.items()}
 
 

@@ -14,6 +14,7 @@ no top-k / top-p cut (:func:`engine_logprobs_are_exact`), and otherwise the forw
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import defaultdict
 from collections.abc import Callable
@@ -81,6 +82,7 @@ class UpdateSettings:
         token_budget: most padded tokens per micro-batch (``rows x (longest prompt + R)``); None = no limit.
         grad_clip: max gradient norm; 0 disables clipping.
         temperature: sampling temperature the log-probs are taken at.
+        old_logprobs: ``"reuse"`` or ``"forward"`` (the module docstring).
     """
 
     loss: LossConfig
@@ -90,6 +92,7 @@ class UpdateSettings:
     token_budget: int | None = None
     grad_clip: float = 1.0
     temperature: float = 1.0
+    old_logprobs: Literal["reuse", "forward"] = "reuse"
 
 
 @dataclass
@@ -201,20 +204,22 @@ def engine_logprobs_are_exact(rollout: RolloutBatch, sampling: SamplingParams) -
 
 
 def old_logprobs(
-    logprobs: Callable[[Tensor], Tensor],
+    policy: Any,
+    embeds: list[Tensor],
     rollout: RolloutBatch,
     plan: list[list[Tensor]],
-    mode: Literal["reuse", "forward"],
+    settings: UpdateSettings,
     damping: bool,
     engine_exact: bool,
 ) -> OldLogprobs:
     """The old log-probs known before the update (see the module docstring for the rule).
 
     Args:
-        logprobs: ``rows [n] -> [n, R]`` no-grad log-probs of the current (= sampling) policy.
+        policy: the current (= sampling) policy, for the no-grad forward.
+        embeds: P prompt embeddings ``[L_i, H]`` (no grad).
         rollout: the N responses.
         plan: the update's rows per epoch and mini-batch (:func:`mini_batch_plan`).
-        mode: ``"reuse"`` or ``"forward"``.
+        settings: ``old_logprobs`` (``"reuse"`` or ``"forward"``) and the temperature.
         damping: whether the estimator damps by KL (needs behaviour log-probs).
         engine_exact: whether the engine's log-probs can stand for the behaviour log-probs.
     """
@@ -222,7 +227,7 @@ def old_logprobs(
     device = rollout.response_ids.device
     need = torch.ones(n, dtype=torch.bool, device=device)  # rows that get the no-grad forward now
     behaviour = None
-    if mode == "reuse":
+    if settings.old_logprobs == "reuse":
         need[plan[0][0]] = False  # the first mini-batch's own gradient pass gives theirs
         if damping and engine_exact:
             behaviour = rollout.engine_logprobs.to(device, torch.float32)
@@ -231,10 +236,42 @@ def old_logprobs(
     logp = torch.zeros(rollout.response_ids.shape, dtype=torch.float32, device=device)  # [N, R]
     rows = torch.nonzero(need).flatten()
     if len(rows):
-        logp[rows] = logprobs(rows)
+        logp[rows] = policy.response_logprobs(
+            embeds, rollout.response_ids[rows], rollout.response_mask[rows], rollout.prompt_index[rows],
+            temperature=settings.temperature,
+        )[0]  # fmt: skip
     if damping and behaviour is None:
         behaviour = logp
     return OldLogprobs(logp, need, behaviour)
+
+
+def reference_logprobs(policy: Any, reference: Any | None, batch: PromptBatch, rollout: RolloutBatch,
+                       temperature: float) -> Tensor:  # fmt: skip
+    """``[N, R]`` reference log-probs: of the frozen ``reference`` policy, or of ``policy`` in its
+    ``reference_mode()`` (LoRA adapters off) when there is none. Call under ``torch.no_grad()``."""
+    model = reference if reference is not None else policy
+    with policy.reference_mode() if reference is None else contextlib.nullcontext():
+        embeds = model.prompt_embeds(batch)
+        args = (rollout.response_ids, rollout.response_mask, rollout.prompt_index)
+        return model.response_logprobs(embeds, *args, temperature=temperature)[0]
+
+
+def grad_logprobs(
+    policy: Any, batch: PromptBatch, rollout: RolloutBatch, micro: Tensor, settings: UpdateSettings
+) -> tuple[Tensor, Tensor | None]:
+    """Current-policy log-probs ``[n, R]`` (and entropy, with an entropy bonus) of the ``micro`` rows, with
+    gradients; only the prompts these rows answer are embedded, each once."""
+    index = rollout.prompt_index[micro]  # [n_micro]
+    used = torch.unique(index)  # [U] sorted
+    if len(used) == len(batch):
+        embeds = policy.prompt_embeds(batch)
+    else:
+        embeds = policy.prompt_embeds(batch.select(used.tolist()))
+        index = torch.searchsorted(used, index)  # prompt positions in the sub-batch
+    return policy.response_logprobs(
+        embeds, rollout.response_ids[micro], rollout.response_mask[micro], index,
+        temperature=settings.temperature, with_entropy=settings.loss.entropy_coef > 0,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------- checks
@@ -293,6 +330,9 @@ def ppo_update(
         hooks: optimizer, gradient forward, backward, clipping.
         prompt_lengths: P prompt lengths (for ``token_budget``).
     """
+    if settings.loss.mismatch is not None and rollout.engine_logprobs is None:
+        raise ValueError(f"loss.mismatch={settings.loss.mismatch!r} needs the rollout engine's log-probs, "
+                         "and the engine reported none")  # fmt: skip
     collected: dict[str, list[Tensor]] = defaultdict(list)
     known = old.known.clone()
     stepped = False
@@ -376,8 +416,10 @@ __all__ = [
     "UpdateSettings",
     "check_finite",
     "engine_logprobs_are_exact",
+    "grad_logprobs",
     "micro_batches",
     "mini_batch_plan",
     "old_logprobs",
     "ppo_update",
+    "reference_logprobs",
 ]
