@@ -539,11 +539,7 @@ class ComponentNormalized(Stateless):
 
 
 def disco(
-    rewards: Tensor,
-    group_ids: Tensor,
-    domain_ids: Tensor,
-    domain_frequency: Mapping[int, float],
-    *,
+    rewards: Tensor, group_ids: Tensor, domain_ids: Tensor, domain_frequency: Mapping[int, float], *,
     difficulty_scale: float = 1.0,
     reward_range: tuple[float, float] = (0.0, 1.0),
     eps: float = 1e-6,
@@ -554,9 +550,8 @@ def disco(
     self-consistency (uncertain prompts up). qoq's rewards are continuous (IoU), so it measures a group's
     uncertainty by its reward spread instead of answer agreement. What qoq computes:
 
-    1. s_i = GRPO z-score of r_i in its group (:func:`qoq.rl.advantages.grpo`);
-    2. w_dom(d) = log(1 + 1 / p_d), p_d = ``domain_frequency[d]`` (log inverse frequency, 1 + so a
-       single domain keeps a positive weight);
+    1. s_i = GRPO z-score of r_i in its group (:func:`grpo`);
+    2. w_dom(d) = log(1 + 1 / p_d), p_d = ``domain_frequency[d]`` (a single domain keeps a positive weight);
     3. u_q = sigma_q / sigma_max in [0, 1]: sigma_q the population std of the group's rewards, sigma_max =
        (hi - lo) / 2 the largest std rewards in ``reward_range = (lo, hi)`` can have (binary rewards:
        u = 2 sqrt(p (1 - p)), 1 at p = 1/2); w_diff(q) = 1 + ``difficulty_scale`` * u_q;

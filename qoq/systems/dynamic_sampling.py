@@ -291,13 +291,7 @@ def collect_dynamic(
         group_offset += len(prompts)
         keep = buffer.add(scored.total.detach().cpu(), rollout.prompt_index.cpu())  # [N] bool
         if bool(keep.any()):
-            rows = torch.nonzero(keep).flatten()
-            chosen = torch.unique(rollout.prompt_index.cpu()[rows]).tolist()  # kept prompts, ascending
-            remap = torch.full((len(prompts),), -1, dtype=torch.long)
-            remap[chosen] = torch.arange(len(chosen))
-            sub_rollout = rollout.select(rows, remap[rollout.prompt_index.cpu()[rows]])
-            kept.append((prompts.select(chosen), sub_rollout, select_reward(scored, rows),
-                         [embeds[i] for i in chosen]))  # fmt: skip
+            kept.append(_kept_part(prompts, rollout, scored, embeds, keep))
         if buffer.done:
             break
     assert first is not None
@@ -313,12 +307,22 @@ def collect_dynamic(
     offsets = [0]
     for b, *_ in kept[:-1]:
         offsets.append(offsets[-1] + len(b))
-    merged_batch = PromptBatch.concat([b for b, *_ in kept])
     merged_rollout = RolloutBatch.concat([(r, off) for (_, r, _, _), off in zip(kept, offsets)], pad_id)
-    merged_scored = concat_rewards([s for _, _, s, _ in kept])
-    merged_embeds = [e for *_, es in kept for e in es]
-    return Collected(merged_batch, merged_rollout, merged_scored, merged_embeds, buffer.batches,
-                     buffer.num_groups, metrics=metrics, **generated)  # fmt: skip
+    return Collected(PromptBatch.concat([b for b, *_ in kept]), merged_rollout,
+                     concat_rewards([s for _, _, s, _ in kept]), [e for *_, es in kept for e in es],
+                     buffer.batches, buffer.num_groups, metrics=metrics, **generated)  # fmt: skip
+
+
+def _kept_part(
+    prompts: PromptBatch, rollout: RolloutBatch, scored: RewardOutput, embeds: list[Tensor], keep: Tensor
+) -> tuple[PromptBatch, RolloutBatch, RewardOutput, list[Tensor]]:
+    """The kept responses ``keep [N]`` of one generation with their prompts (renumbered in order)."""
+    rows = torch.nonzero(keep).flatten()
+    chosen = torch.unique(rollout.prompt_index.cpu()[rows]).tolist()  # kept prompts, ascending
+    remap = torch.full((len(prompts),), -1, dtype=torch.long)
+    remap[chosen] = torch.arange(len(chosen))
+    sub_rollout = rollout.select(rows, remap[rollout.prompt_index.cpu()[rows]])
+    return prompts.select(chosen), sub_rollout, select_reward(scored, rows), [embeds[i] for i in chosen]
 
 
 __all__ = [

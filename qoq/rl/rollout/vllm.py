@@ -367,6 +367,18 @@ class VLLMEngine:
         self._expected_names = tuple(state)
         self._tied = self._tied_names(model)
 
+        self._llm = self._start_llm(workdir)
+        _quiet_rotary_reload_notice()
+        self._threads = torch.get_num_threads()
+        self._choose_probes(state, self._llm.apply_model(_worker_layout)[0])
+        # Run the probes once now: vLLM's CPU kernels are cached per shape, so later probes reuse the
+        # kernels built against the engine's original weight layout (and so catch a repack that broke it).
+        self._llm.apply_model(partial(_worker_readings, probes=self._probes, inputs=self._inputs))
+        self.forward_gap()
+        self.start_seconds = time.perf_counter() - start
+
+    def _start_llm(self, workdir: Path) -> Any:
+        """Start an in-process ``vllm.LLM`` on the saved copy in ``workdir`` (prompt embeddings enabled)."""
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if self.kv_cache_gib is not None:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, math.ceil(self.kv_cache_gib))))
@@ -378,7 +390,7 @@ class VLLMEngine:
         extra = {} if self.kv_cache_gib is None else {"kv_cache_memory_bytes": int(self.kv_cache_gib * 2**30)}
         with _preserved_process_state(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm\.")
-            self._llm = vllm.LLM(
+            return vllm.LLM(
                 model=str(workdir),
                 tokenizer=str(workdir),
                 enable_prompt_embeds=True,
@@ -395,14 +407,6 @@ class VLLMEngine:
                 use_tqdm_on_load=verbose(),  # the weight-loading bar at each start, with `qoq -v` only
                 **extra,
             )
-        _quiet_rotary_reload_notice()
-        self._threads = torch.get_num_threads()
-        self._choose_probes(state, self._llm.apply_model(_worker_layout)[0])
-        # Run the probes once now: vLLM's CPU kernels are cached per shape, so later probes reuse the
-        # kernels built against the engine's original weight layout (and so catch a repack that broke it).
-        self._llm.apply_model(partial(_worker_readings, probes=self._probes, inputs=self._inputs))
-        self.forward_gap()
-        self.start_seconds = time.perf_counter() - start
 
     @staticmethod
     def _tied_names(model: Any) -> tuple[str, str] | None:
