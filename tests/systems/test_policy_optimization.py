@@ -11,7 +11,7 @@ from qoq.data import MultiDomainDataModule
 from qoq.models.policy import tiny_policy
 from qoq.rl.advantages import DRPO, GRPO, AdvantageInputs
 from qoq.rl.rewards import RewardFn
-from qoq.rl.rollout import HFEngine
+from qoq.rl.rollout import HFEngine, ScriptedEngine
 from qoq.systems import LossConfig, NonFiniteError, PolicyOptimization
 from qoq.types import SamplingParams
 
@@ -301,3 +301,16 @@ def test_all_equal_groups_give_zero_finite_advantages(tmp_path, one_batch, n) ->
                                  reward=Constant(), loss=LossConfig(kl_coef=0.0))
         assert float(logs["train/pg_loss"]) == 0.0, type(advantage).__name__
         assert all(v.abs().max() == 0 for v in grads[0].values()), type(advantage).__name__
+
+
+def test_scripted_rollouts_are_scored_and_synced_once_per_step(tmp_path, one_batch) -> None:
+    """With the scripted engine the step's rewards are those of its texts, and the weights are pushed once
+    at the start and once after each step's update."""
+    right, wrong = "<think>ok</think>\\boxed{" + one_batch.targets[0].answer[0] + "}", "\\boxed{}"
+    engine = ScriptedEngine([right, wrong], logprob=0.0)
+    system, _, logs, _ = _run(tmp_path, one_batch, rollout=engine, reward=RewardFn(weights={"accuracy": 1.0}),
+                              trace_every=1, sampling=SamplingParams(n=2, max_new_tokens=64, seed=0))
+    assert engine.syncs == 2 and engine.synced_tensors > 0 and len(engine.calls) == 1
+    assert engine.calls[0].n == 2 and float(logs["train/logp_mismatch_max"]) > 0  # engine says 0, trainer not
+    rows = system.last_rollout_trace
+    assert [r["response"] for r in rows[:2]] == [right, wrong] and rows[0]["reward"] == 1.0
