@@ -125,13 +125,8 @@ def rloo(rewards: Tensor, group_ids: Tensor) -> Tensor:
 def reinforce_pp_baseline(rewards: Tensor, group_ids: Tensor, eps: float = 1e-6) -> Tensor:
     """REINFORCE++ with baseline: x_i = r_i - mean_q, then whitened over the whole batch.
 
-    Args:
-        rewards: ``[N]`` response rewards.
-        group_ids: ``[N]`` prompt id of each response.
-        eps: added to the batch std.
-
-    Returns:
-        ``[N]`` advantages: (x - mean(x)) / (std(x) + eps), std unbiased.
+    Returns ``[N]`` advantages (x - mean(x)) / (std(x) + eps), std unbiased; arguments as :func:`grpo`
+    (``eps`` here is added to the batch std).
     """
     x = dr_grpo(rewards, group_ids).double()
     return ((x - x.mean()) / (batch_std(x) + eps)).to(rewards.dtype)
@@ -325,15 +320,12 @@ class RLOO(Stateless):
         return rloo(inputs.rewards, inputs.group_ids)
 
 
-class ReinforcePPBaseline(Stateless):
+class ReinforcePPBaseline(GRPO):
     """REINFORCE++ with a group-mean baseline, whitened over the batch.
 
     Args:
         eps: added to the batch std.
     """
-
-    def __init__(self, eps: float = 1e-6):
-        self.eps = eps
 
     def score(self, inputs: AdvantageInputs) -> Tensor:
         return reinforce_pp_baseline(inputs.rewards, inputs.group_ids, self.eps)
@@ -732,12 +724,7 @@ class FairGRPO:
     needs_kl = False
 
     def __init__(
-        self,
-        momentum: float = 0.9,
-        alpha: float = 0.5,
-        beta: float = 1.0,
-        floor: float = 0.05,
-        eps: float = 1e-6,
+        self, momentum: float = 0.9, alpha: float = 0.5, beta: float = 1.0, floor: float = 0.05, eps: float = 1e-6
     ):
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"FairGRPO: momentum must be in [0, 1), got {momentum}")

@@ -160,15 +160,9 @@ def sequence_log_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
 
 
 def mismatch_weights(
-    old_logp: Tensor,
-    engine_logp: Tensor,
-    mask: Tensor,
-    mode: MismatchMode,
-    *,
-    low: float = 0.5,
-    high: float = 2.0,
-    seq_agg: Literal["mean", "sum"] = "mean",
-) -> Tensor:
+    old_logp: Tensor, engine_logp: Tensor, mask: Tensor, mode: MismatchMode, *,
+    low: float = 0.5, high: float = 2.0, seq_agg: Literal["mean", "sum"] = "mean",
+) -> Tensor:  # fmt: skip
     """Per-token weights correcting for the engine/trainer mismatch (ALGORITHMS.md section 7).
 
     With rho_t = exp(old_logp - engine_logp) (trainer vs rollout engine, same weights):

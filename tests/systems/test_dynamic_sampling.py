@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from qoq.rl.rewards import RewardOutput
-from qoq.systems.dynamic_sampling import DynamicSampling, collect_dynamic, collect_plain
 from qoq.rl.rollout import ScriptedEngine
+from qoq.systems.dynamic_sampling import DynamicSampling, collect_dynamic, collect_plain
 from qoq.types import ModalityBatch, PromptBatch, SamplingParams
 
 #: Rewards of the two rollouts of each prompt: equal pairs are zero-variance groups.

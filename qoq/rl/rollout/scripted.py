@@ -57,14 +57,8 @@ class ScriptedEngine:
         self._tokenizer: Any = _CharTokenizer()
         self._eos, self._pad = 1, 0
 
-    def setup(
-        self,
-        model: Any,
-        tokenizer: Any,
-        workdir: Path,
-        suppress_token_ids: Sequence[int] = (),
-        eos_token_ids: Sequence[int] = (),
-    ) -> None:
+    def setup(self, model: Any, tokenizer: Any, workdir: Path, suppress_token_ids: Sequence[int] = (),
+              eos_token_ids: Sequence[int] = ()) -> None:  # fmt: skip
         """Tokenize with the policy's tokenizer and end responses with its first EOS id."""
         ids = resolve_special_ids(model, tokenizer, suppress_token_ids, eos_token_ids)
         self._tokenizer, self._eos, self._pad = tokenizer, ids.eos[0], ids.pad

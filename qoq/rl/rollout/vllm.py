@@ -54,10 +54,9 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from qoq.console import verbose
 from torch import Tensor, nn
 
+from qoq.console import verbose
 from qoq.rl.rollout.base import (
     SpecialIds,
     StaleWeightsError,
@@ -322,14 +321,8 @@ class VLLMEngine:
 
     # ----- setup ----------------------------------------------------------------------------------------
 
-    def setup(
-        self,
-        model: Any,
-        tokenizer: Any,
-        workdir: Path,
-        suppress_token_ids: Sequence[int] = (),
-        eos_token_ids: Sequence[int] = (),
-    ) -> None:
+    def setup(self, model: Any, tokenizer: Any, workdir: Path, suppress_token_ids: Sequence[int] = (),
+              eos_token_ids: Sequence[int] = ()) -> None:  # fmt: skip
         """Save the LM and tokenizer into ``workdir`` and start the vLLM engine on them.
 
         A model with peft adapters injected is saved with its base weights; push the merged weights with
@@ -337,12 +330,8 @@ class VLLMEngine:
         ``setup`` again (e.g. after a checkpoint reload) keeps a running engine when the weight names are
         unchanged (push the weights with :meth:`sync_weights`); otherwise the engine is rebuilt.
 
-        Args:
-            model: the HF causal LM (a peft wrapper is looked through: its base weights are saved).
-            tokenizer: its tokenizer.
-            workdir: folder for the saved copy vLLM loads (created).
-            suppress_token_ids: token ids never to sample.
-            eos_token_ids: ids that end a response; empty means the model's / tokenizer's EOS.
+        Arguments as :meth:`RolloutEngine.setup`: a peft wrapper around ``model`` is looked through (its base
+        weights are saved); ``workdir`` gets the saved copy vLLM loads (created).
         """
         start = time.perf_counter()
         model = unwrap_peft(model)
