@@ -7,11 +7,14 @@ zero and the check vacuous). Per step it keeps every response's text digest, rew
 and advantage, and every logged ``train/*`` metric (losses, clip fraction, KL, grad norm, DRPO's
 temperatures, ...) except wall times; at the end a SHA-256 digest of the final weights, of the optimizer
 state and of the estimator state (DRPO's history), with a per-tensor sum of the weights for diagnosis.
+A second variant, ``split``, runs 10 RL steps of two epochs x two mini-batches x micro-batches of 6 with
+truncated IS (the update's paths the demo does not take).
 
 Bit-exactness holds on one machine only: the same CPU (kernels differ with AVX-512 / bf16 / AMX support
 and between vendors), the same torch and transformers versions, one thread. The reference file is
-therefore a record of *this* machine; re-record it (``record``) from the old commit before comparing on
-another. It is not part of the default test suite for that reason.
+therefore a record of *this* machine (recorded before the issue-17 redesign, commit 1230bab); on another
+machine, check out the old commit, ``record`` there, then ``compare`` the new code. It is not part of the
+default test suite for that reason.
 
 Usage::
 

@@ -216,7 +216,8 @@ class PolicyOptimization(L.LightningModule):
     def _advantages(self, exp: Experience) -> None:
         """Advantages over the global batch: under data parallelism every rank sees every rank's responses."""
         gather = functools.partial(strategies.gather_groups, self)
-        out = self.advantage(advantage_inputs(exp, dict(self.reward.weights), gather))
+        weights = dict(getattr(self.reward, "weights", {}))  # a custom reward may have no weighted terms
+        out = self.advantage(advantage_inputs(exp, weights, gather))
         n, rank = exp.rewards.shape[0], self.global_rank
         exp.advantages = out.advantages[rank * n : (rank + 1) * n].to(self.device)  # [N], this rank's rows
         exp.advantage_metrics = out.metrics
