@@ -68,17 +68,17 @@ class Experience:
         advantage_metrics: the estimator's diagnostics.
     """
 
-    batch: PromptBatch
-    rollout: RolloutBatch
-    scored: RewardOutput
-    embeds: list[Tensor]
-    domain_ids: Tensor
+    batch: PromptBatch  # P prompts
+    rollout: RolloutBatch  # N = P x n responses
+    scored: RewardOutput  # total [N], components {name: [N]}
+    embeds: list[Tensor]  # P x [L_i, H]
+    domain_ids: Tensor  # [N] long
     generated: Collected
-    plan: list[list[Tensor]]
-    ref_logp: Tensor | None = None
-    old: OldLogprobs | None = None
-    kl: Tensor | None = None
-    advantages: Tensor | None = None
+    plan: list[list[Tensor]]  # [epoch][mini-batch] -> [n_mb] rows
+    ref_logp: Tensor | None = None  # [N, R]
+    old: OldLogprobs | None = None  # logp [N, R], known [N], behaviour [N, R] | None
+    kl: Tensor | None = None  # [N]
+    advantages: Tensor | None = None  # [N]
     advantage_metrics: dict[str, Any] = field(default_factory=dict)
 
     @property

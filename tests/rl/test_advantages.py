@@ -8,10 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qoq.rl.advantages import (
-    AdvantageInputs,
     DRPO,
     GRPO,
     RLOO,
+    AdvantageInputs,
     AdvantageOutput,
     DrGRPO,
     ReinforcePPBaseline,
