@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from benchmarks import common
-from qoq.rl.advantages import DRPO
+from qoq.rl.advantages import DRPO, AdvantageInputs
 
 HISTORIES = [1_000, 5_000, 20_000, 50_000, 100_000, 200_000]
 DOMAIN_MIX = torch.tensor([0.30, 0.20, 0.12, 0.10, 0.08, 0.07, 0.06, 0.04, 0.03])  # 9 domains, imbalanced
@@ -61,7 +61,7 @@ def time_drpo(
     for _ in range(reps):
         rewards, domains = _batch(prompts, rollouts, kind, gen)
         t0, c0 = time.perf_counter(), time.process_time()
-        est(rewards, group_ids, domains.repeat_interleave(rollouts))
+        est(AdvantageInputs(rewards, group_ids, domains.repeat_interleave(rollouts)))
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
         if sum(times) > 10.0:  # slow configurations: fewer repetitions

@@ -234,20 +234,20 @@ def measure(
         )
         system.configure_model()
         _instrument(system, memory)
-        passes: list[int] = []
-        split = system._micro_batches
+        passes: list[int] = []  # backward passes (micro-batches) per step
+        backward = system.manual_backward
 
         def counted(*args: Any, **kwargs: Any) -> Any:
-            out = split(*args, **kwargs)
-            passes.append(len(out))
-            return out
+            passes[-1] += 1
+            return backward(*args, **kwargs)
 
-        system._micro_batches = counted
+        system.manual_backward = counted
 
         class LastStepOnly(L.Callback):
             def on_train_batch_start(self, *args: Any) -> None:
                 memory.peaks.clear()
                 memory.absolute.clear()
+                passes.append(0)
 
         trainer = bare_trainer(tmp, steps, [LastStepOnly()], accelerator="gpu" if cuda else "cpu")
         trainer.fit(system, DataLoader([batch] * steps, batch_size=None, collate_fn=lambda b: b))

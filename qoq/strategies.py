@@ -355,6 +355,24 @@ def root_call(module: Any, method: str, *args: Any, **kwargs: Any) -> Any:
     return trainer.strategy._forward_redirection(root, module, method, *args, **kwargs)
 
 
+def gather_groups(module: Any, group_ids: Tensor, values: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    """Every rank's ``[N]`` values, flattened rank by rank, with group ids offset by rank so that ranks'
+    groups stay disjoint; a single process gets its own values back.
+
+    Args:
+        module: the LightningModule (its ``all_gather``; its trainer's world size).
+        group_ids: ``[N]`` this rank's group ids.
+        values: name -> ``[N]`` tensors to gather alike.
+    """
+    trainer = getattr(module, "_trainer", None)
+    if trainer is None or trainer.world_size <= 1:
+        return group_ids, values
+    gathered = module.all_gather({"groups": group_ids, **values})
+    groups = gathered.pop("groups")  # [W, N]
+    offsets = torch.arange(groups.shape[0], device=groups.device)[:, None] * (int(groups.max()) + 1)
+    return (groups + offsets).flatten(), {k: v.flatten() for k, v in gathered.items()}
+
+
 def rng_state() -> dict[str, Tensor]:
     """The torch RNG states of this process (CPU and every CUDA device), as tensors (``weights_only``-safe).
 

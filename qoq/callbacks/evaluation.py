@@ -91,28 +91,14 @@ class ClinicalMetricsCallback(L.Callback):
         """Start counting the test split."""
         self._start("test", trainer, pl_module)
 
-    def on_validation_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        """Count the batch's evaluation records."""
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                                *args: Any, **kwargs: Any) -> None:  # fmt: skip
+        """Count the batch's evaluation records (batch, batch_idx, dataloader_idx unused)."""
         if not trainer.sanity_checking:
             self._count("val", outputs, pl_module)
 
-    def on_test_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
+    def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any,
+                          **kwargs: Any) -> None:  # fmt: skip
         """Count the batch's evaluation records."""
         self._count("test", outputs, pl_module)
 

@@ -11,7 +11,7 @@ class DomainStatsFeedback(L.Callback):
     """After each training step, hand the step's per-domain statistics to the data module.
 
     The module publishes them as ``last_domain_stats`` (domain name -> ``{"zero_var_frac", "mean_reward",
-    "groups"}``, see :func:`qoq.rl.balancing.domain_batch_stats`); a data module that defines
+    "groups"}``, see :func:`qoq.rl.groups.domain_batch_stats`); a data module that defines
     ``observe_domain_stats(stream_index, stats)`` receives them with the stream index of the batch they
     were measured on (:class:`qoq.data.ClinicalDataModule` uses them in ``sampler: adaptive`` mode and
     ignores them otherwise), and its current sampling probabilities are logged as

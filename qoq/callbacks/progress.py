@@ -133,29 +133,20 @@ class RunProgress(ProgressBar):
     def on_validation_start(self, trainer, pl_module) -> None:  # noqa: D102
         self._eval_start(trainer, "validate", trainer.num_val_batches)
 
-    def on_validation_batch_end(self, trainer, pl_module, *args: Any, **kwargs: Any) -> None:  # noqa: D102
-        self._eval_batch(trainer)
-
-    def on_validation_end(self, trainer, pl_module) -> None:  # noqa: D102
-        self._eval_end()
-
     def on_test_start(self, trainer, pl_module) -> None:  # noqa: D102
         self._eval_start(trainer, "test", trainer.num_test_batches)
-
-    def on_test_batch_end(self, trainer, pl_module, *args: Any, **kwargs: Any) -> None:  # noqa: D102
-        self._eval_batch(trainer)
-
-    def on_test_end(self, trainer, pl_module) -> None:  # noqa: D102
-        self._eval_end()
 
     def on_predict_start(self, trainer, pl_module) -> None:  # noqa: D102
         self._eval_start(trainer, "predict", trainer.num_predict_batches)
 
-    def on_predict_batch_end(self, trainer, pl_module, *args: Any, **kwargs: Any) -> None:  # noqa: D102
+    def _on_eval_batch_end(self, trainer, pl_module, *args: Any, **kwargs: Any) -> None:
         self._eval_batch(trainer)
 
-    def on_predict_end(self, trainer, pl_module) -> None:  # noqa: D102
+    def _on_eval_end(self, trainer, pl_module) -> None:
         self._eval_end()
+
+    on_validation_batch_end = on_test_batch_end = on_predict_batch_end = _on_eval_batch_end
+    on_validation_end = on_test_end = on_predict_end = _on_eval_end
 
     # ------------------------------------------------------------------ rich
     def _open(self, trainer: L.Trainer, what: str, total: int | None, completed: int) -> None:

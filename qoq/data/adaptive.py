@@ -12,7 +12,7 @@ rollout reallocation).
 Pure logic on Python floats: no Lightning, no tensors; the state is a small dict for checkpoints. How it
 plugs in (``sampler: adaptive`` of :class:`qoq.data.ClinicalDataModule`, settings :class:`AdaptiveSampling`):
 after each RL step :class:`qoq.systems.PolicyOptimization` publishes
-:func:`qoq.rl.balancing.domain_batch_stats` of every group it generated (keyed by domain name),
+:func:`qoq.rl.groups.domain_batch_stats` of every group it generated (keyed by domain name),
 :class:`qoq.callbacks.DomainStatsFeedback` hands them to the data module, whose :class:`AdaptiveSchedule`
 folds them into the sampler and decides which probabilities each stream batch is drawn with (those after
 the report of batch ``b - lag``); the schedule is saved with the stream position, so a resumed run draws
@@ -128,7 +128,7 @@ class AdaptiveDomainSampler:
         Args:
             domain_stats: domain -> ``{"zero_var_frac": share in [0, 1] of its groups with equal rewards,
                 "mean_reward": its mean reward}`` (other keys, e.g. ``groups``, are ignored), for the
-                domains present in the step (see :func:`qoq.rl.balancing.domain_batch_stats`; map its
+                domains present in the step (see :func:`qoq.rl.groups.domain_batch_stats`; map its
                 domain ids to names first). Absent domains keep their averages.
         """
         for domain, stats in domain_stats.items():
@@ -361,7 +361,7 @@ def allocate_group_sizes(difficulty: Sequence[float], budget: int, n_min: int, n
     prompt's excess is re-shared among the others), and rounded by largest remainder (ties to the lower
     index). Deterministic; the sizes sum to ``budget`` exactly.
 
-    Note: DRPO needs equal group sizes; GRPO and the estimators of :mod:`qoq.rl.balancing` do not.
+    Note: DRPO needs equal group sizes; GRPO and the reweighting estimators of :mod:`qoq.rl.advantages` do not.
 
     Args:
         difficulty: ``P`` non-negative difficulties, e.g. 1 - the prompt's last mean reward.

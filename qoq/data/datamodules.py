@@ -500,7 +500,7 @@ class ClinicalDataModule(L.LightningDataModule):
             stream_index: the batch's position in the training stream (``PromptBatch.stream_index``).
             domain_stats: domain name -> ``{"zero_var_frac": share of its groups whose rewards were all
                 equal, "mean_reward": its mean reward, ...}``
-                (:func:`qoq.rl.balancing.domain_batch_stats` keyed by name).
+                (:func:`qoq.rl.groups.domain_batch_stats` keyed by name).
         """
         schedule = self.schedule()
         if schedule is None or stream_index < 0:

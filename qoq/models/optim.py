@@ -29,6 +29,25 @@ def decay_groups(params: Iterable[nn.Parameter], weight_decay: float) -> list[di
     return [g for g in groups if g["params"]]
 
 
+def build_optimizer(
+    params: Iterable[nn.Parameter], name: str, lr: float, betas: tuple[float, float], weight_decay: float
+) -> torch.optim.Optimizer:
+    """AdamW (``name="adamw"``) or bitsandbytes' AdamW8bit (``"adamw8bit"``) over :func:`decay_groups`.
+
+    Raises:
+        ValueError: no trainable parameter.
+    """
+    params = list(params)
+    if not params:
+        raise ValueError("the policy has no trainable parameters (check `freeze`)")
+    groups = decay_groups(params, weight_decay)
+    if name == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, lr=lr, betas=tuple(betas))
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
+
+
 @dataclass(frozen=True)
 class LRSchedule:
     """Linear warm-up from 0, then decay to ``min_ratio`` of the peak learning rate (per optimizer step).
@@ -67,4 +86,4 @@ class LRSchedule:
         return {"scheduler": lambda_, "interval": "step", "frequency": 1}
 
 
-__all__ = ["LRSchedule", "decay_groups"]
+__all__ = ["LRSchedule", "build_optimizer", "decay_groups"]

@@ -101,6 +101,45 @@ def _draw(p: Tensor, u: Tensor) -> Tensor:
     return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].clamp(max=p.shape[1] - 1)
 
 
+def _kmeans_pp(xb: Tensor, wb: Tensor, draws: Tensor, k_top: int) -> Tensor:
+    """k-means++ seeding of B weighted problems ``xb [B, U, n]``, ``wb [B, U]`` with uniform ``draws [B, K]``
+    (draws beyond a problem's k are unused); returns the centres ``[B, K, n]``."""
+    batch = len(xb)
+    centres = xb[torch.arange(batch), _draw(wb, draws[:, 0])][:, None, :].repeat(1, k_top, 1)  # [B, K, n]
+    d2 = _sq_dist(xb, centres[:, :1])[..., 0]  # [B, U]
+    for j in range(1, k_top):
+        p = wb * d2
+        pick = _draw(torch.where(p.sum(1, keepdim=True) > 0, p, wb), draws[:, j])
+        centres[:, j] = xb[torch.arange(batch), pick]
+        d2 = torch.minimum(d2, _sq_dist(xb, centres[:, j : j + 1])[..., 0])
+    return centres
+
+
+def _lloyd(xb: Tensor, wb: Tensor, centres: Tensor, valid: Tensor, threshold: Tensor, max_iter: int) -> None:
+    """Lloyd iterations of B problems, each until its labels stop changing or its centres move less than its
+    ``threshold``; ``centres [B, K, n]`` are updated in place (``valid [B, K]``: its real centres)."""
+    batch, u_top, n = xb.shape
+    k_top = centres.shape[1]
+    real = wb > 0  # [B, U] rows that are not padding
+    wxb = wb[..., None] * xb  # [B, U, n]
+    active = torch.arange(batch)
+    labels = torch.full((batch, u_top), -1)
+    for _ in range(max_iter):
+        a = len(active)
+        c, x_a, w_a = centres[active], xb[active], wb[active]  # [A, K, n], [A, U, n], [A, U]
+        new_labels = _sq_dist(x_a, c).masked_fill(~valid[active, None, :], torch.inf).argmin(-1)  # [A, U]
+        flat = (new_labels + (torch.arange(a) * k_top)[:, None]).flatten()  # [A*U]
+        mass = torch.zeros(a * k_top, dtype=torch.float64).index_add_(0, flat, w_a.flatten()).view(a, k_top)
+        sums = torch.zeros(a * k_top, n, dtype=torch.float64).index_add_(0, flat, wxb[active].reshape(-1, n))
+        updated = torch.where(mass[..., None] > 0, sums.view_as(c) / mass.clamp(min=1e-300)[..., None], c)
+        same = ((new_labels == labels[active]) | ~real[active]).all(1)
+        go_on = ~same & ((updated - c).square().sum((1, 2)) > threshold[active])
+        centres[active], labels[active] = updated, new_labels
+        active = active[go_on]
+        if len(active) == 0:
+            break
+
+
 def _kmeans_torch(
     xs: list[Tensor],
     ws: list[Tensor],
@@ -147,36 +186,11 @@ def _kmeans_torch(
     xb, wb = x_pad[dom_t], w_pad[dom_t]  # [B, U, n], [B, U]
     batch = len(dom)
     valid = torch.arange(k_top)[None, :] < torch.tensor(k_list)[:, None]  # [B, K] real centres
-    # k-means++ seeding (draws beyond a problem's k are unused).
-    centres = xb[torch.arange(batch), _draw(wb, draws_t[:, 0])][:, None, :].repeat(1, k_top, 1)  # [B, K, n]
-    d2 = _sq_dist(xb, centres[:, :1])[..., 0]  # [B, U]
-    for j in range(1, k_top):
-        p = wb * d2
-        pick = _draw(torch.where(p.sum(1, keepdim=True) > 0, p, wb), draws_t[:, j])
-        centres[:, j] = xb[torch.arange(batch), pick]
-        d2 = torch.minimum(d2, _sq_dist(xb, centres[:, j : j + 1])[..., 0])
-    # Lloyd iterations, each problem until it converges.
+    centres = _kmeans_pp(xb, wb, draws_t, k_top)  # [B, K, n]
     mean = (w_pad[..., None] * x_pad).sum(1) / w_pad.sum(1, keepdim=True)  # [D, n]
     var = (w_pad[..., None] * (x_pad - mean[:, None]) ** 2).sum(1) / w_pad.sum(1, keepdim=True)  # [D, n]
     threshold = (tol * var.mean(1))[dom_t]  # [B]
-    real = wb > 0  # [B, U] rows that are not padding
-    wxb = wb[..., None] * xb  # [B, U, n]
-    active = torch.arange(batch)
-    labels = torch.full((batch, u_top), -1)
-    for _ in range(max_iter):
-        a = len(active)
-        c, x_a, w_a = centres[active], xb[active], wb[active]  # [A, K, n], [A, U, n], [A, U]
-        new_labels = _sq_dist(x_a, c).masked_fill(~valid[active, None, :], torch.inf).argmin(-1)  # [A, U]
-        flat = (new_labels + (torch.arange(a) * k_top)[:, None]).flatten()  # [A*U]
-        mass = torch.zeros(a * k_top, dtype=torch.float64).index_add_(0, flat, w_a.flatten()).view(a, k_top)
-        sums = torch.zeros(a * k_top, n, dtype=torch.float64).index_add_(0, flat, wxb[active].reshape(-1, n))
-        updated = torch.where(mass[..., None] > 0, sums.view_as(c) / mass.clamp(min=1e-300)[..., None], c)
-        same = ((new_labels == labels[active]) | ~real[active]).all(1)
-        go_on = ~same & ((updated - c).square().sum((1, 2)) > threshold[active])
-        centres[active], labels[active] = updated, new_labels
-        active = active[go_on]
-        if len(active) == 0:
-            break
+    _lloyd(xb, wb, centres, valid, threshold, max_iter)
     best_d, labels = _sq_dist(xb, centres).masked_fill(~valid[:, None, :], torch.inf).min(-1)  # [B, U]
     inertia = (best_d * wb).sum(1)  # [B]
     out: list[dict[int, tuple[Tensor, Tensor, float]]] = [{} for _ in xs]

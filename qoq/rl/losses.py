@@ -11,7 +11,7 @@ Under DDP, which averages gradients over ranks, pass the global count divided by
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -160,15 +160,9 @@ def sequence_log_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
 
 
 def mismatch_weights(
-    old_logp: Tensor,
-    engine_logp: Tensor,
-    mask: Tensor,
-    mode: MismatchMode,
-    *,
-    low: float = 0.5,
-    high: float = 2.0,
-    seq_agg: Literal["mean", "sum"] = "mean",
-) -> Tensor:
+    old_logp: Tensor, engine_logp: Tensor, mask: Tensor, mode: MismatchMode, *,
+    low: float = 0.5, high: float = 2.0, seq_agg: Literal["mean", "sum"] = "mean",
+) -> Tensor:  # fmt: skip
     """Per-token weights correcting for the engine/trainer mismatch (ALGORITHMS.md section 7).
 
     With rho_t = exp(old_logp - engine_logp) (trainer vs rollout engine, same weights):
@@ -234,6 +228,58 @@ def nonfinite_rows(values: Tensor, mask: Tensor | None = None) -> list[int]:
     return torch.nonzero(bad.reshape(len(values), -1).any(-1)).flatten().tolist()
 
 
+def _log_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor, ratio_level: RatioLevel) -> Tensor:
+    """``[N, R]`` log of the PPO ratio, clamped: per token, or GSPO's per sequence.
+
+    ``ratio_level="sequence"`` is GSPO (Zheng et al. 2025): every token of response i carries the value of
+    the sequence ratio s_i = exp(:func:`sequence_log_ratio`), with the gradient of its own log-prob
+    (s_it = sg(s_i) * exp(logp_t - sg(logp_t)), the "GSPO-token" form), and clipping acts on s_i, so a
+    response is clipped as a whole. With one advantage per response this has the value and the gradient of
+    the sequence-level objective -min(s_i A, clip(s_i) A) under every aggregation mode (d s_i / d logp_t =
+    s_i / |y_i|); the paper's average over responses is ``agg="seq_mean_token_mean"``. s_i depends on its
+    own row only: micro-batching does not change it.
+    """
+    if ratio_level == "token":
+        return (logp - old_logp.detach()).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    if ratio_level == "sequence":
+        log_seq = sequence_log_ratio(logp.detach(), old_logp.detach(), mask)
+        log_seq = log_seq.clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)  # [N]
+        return log_seq[:, None] + logp - logp.detach()  # value log s_i, gradient of logp_t
+    raise ValueError(f"ratio_level must be 'token' or 'sequence', got {ratio_level!r}")
+
+
+def _clipped_surrogate(
+    ratio: Tensor, adv: Tensor, eps_low: float, eps_high: float, dual_clip: float | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``[N, R]`` per-token PPO-clip loss (dual-clipped for A < 0), and where the clip and the dual clip act."""
+    pg_unclipped = -adv * ratio
+    pg_clipped = -adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    pg = torch.maximum(pg_unclipped, pg_clipped)  # [N, R]
+    clipped = pg_clipped > pg_unclipped
+    dual = torch.zeros_like(clipped)
+    if dual_clip is not None:
+        bound = -adv * dual_clip
+        dual = (adv < 0) & (pg > bound)
+        pg = torch.where(dual, bound.expand_as(pg), pg)
+    return pg, clipped, dual
+
+
+def _surrogate_metrics(
+    agg_: Any, logp: Tensor, old_logp: Tensor, pg: Tensor, clipped: Tensor, dual: Tensor, is_weights: Tensor | None
+) -> dict[str, Tensor]:
+    """The surrogate's metrics, each reduced by ``agg_`` (call under ``torch.no_grad()``)."""
+    metrics = {
+        "pg_loss": agg_(pg.detach()),
+        "clip_frac": agg_(clipped.to(logp.dtype)),
+        "dual_clip_frac": agg_(dual.to(logp.dtype)),
+        "approx_kl": agg_(kl_penalty(logp.detach(), old_logp.detach(), "k3")),
+    }
+    if is_weights is not None:
+        metrics["is_weight"] = agg_(is_weights.detach().to(logp.dtype))
+        metrics["is_masked_frac"] = agg_((is_weights.detach() == 0).to(logp.dtype))
+    return metrics
+
+
 def policy_loss(
     logp: Tensor,
     old_logp: Tensor,
@@ -255,67 +301,28 @@ def policy_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO-clip surrogate with optional dual-clip, KL-to-reference term and entropy bonus.
 
-    Per token, with ratio rho = exp(logp - old_logp) and A the response's advantage:
-    pg = max(-A rho, -A clip(rho, 1 - eps_low, 1 + eps_high)); with dual-clip c (> 1), for A < 0,
-    pg = min(pg, -A c). With ``is_weights`` w (a mismatch correction, :func:`mismatch_weights`), pg *= w.
-    The per-token loss pg + kl_coef * KL(logp, ref_logp) - entropy_coef * entropy is reduced by
-    :func:`aggregate`.
+    Per token, with ratio rho = exp(logp - old_logp) (GSPO's sequence ratio with ``ratio_level="sequence"``,
+    see :func:`_log_ratio`) and A the response's advantage: pg = max(-A rho, -A clip(rho, 1 - eps_low,
+    1 + eps_high)); with dual-clip c (> 1), for A < 0, pg = min(pg, -A c); with ``is_weights`` w (a mismatch
+    correction, :func:`mismatch_weights`), pg *= w. The per-token loss pg + kl_coef * KL(logp, ref_logp) -
+    entropy_coef * entropy is reduced by :func:`aggregate` with the step-wide ``normalizer``.
 
-    ``ratio_level="sequence"`` is GSPO (Zheng et al. 2025): every token of response i carries the value of
-    the sequence ratio s_i = exp(:func:`sequence_log_ratio`), with the gradient of its own log-prob
-    (s_it = sg(s_i) * exp(logp_t - sg(logp_t)), the "GSPO-token" form), and clipping acts on s_i, so a
-    response is clipped as a whole. With one advantage per response this has the value and the gradient of
-    the sequence-level objective -min(s_i A, clip(s_i) A) under every aggregation mode (d s_i / d logp_t =
-    s_i / |y_i|); the paper's average over responses is ``agg="seq_mean_token_mean"``. s_i depends on its
-    own row only: micro-batching does not change it.
-
-    Args:
-        logp: ``[N, R]`` current log-probs of the sampled tokens (with grad).
-        old_logp: ``[N, R]`` log-probs of the policy that sampled them (recomputed by the trainer).
-        advantages: ``[N]`` one advantage per response.
-        mask: ``[N, R]`` bool response mask.
-        eps_low: lower clip range.
-        eps_high: upper clip range ("clip-higher" when larger than eps_low).
-        dual_clip: dual-clip constant c > 1 for negative advantages, or None.
-        agg: aggregation mode.
-        normalizer: step-wide normaliser from :func:`loss_normalizer`.
-        ref_logp: ``[N, R]`` reference log-probs, or None (no KL term or metric).
-        kl_coef: coefficient of the KL term.
-        kl_kind: KL estimator.
-        entropy: ``[N, R]`` per-token policy entropy (with grad for a bonus), or None.
-        entropy_coef: coefficient of the entropy bonus.
-        is_weights: ``[N, R]`` per-token importance weights (e.g. :func:`mismatch_weights`), or None.
-        ratio_level: ``"token"`` (PPO / GRPO) or ``"sequence"`` (GSPO).
+    Args: ``logp`` ``[N, R]`` current log-probs (with grad); ``old_logp`` ``[N, R]`` of the sampling policy;
+    ``advantages`` ``[N]``; ``mask`` ``[N, R]`` bool; ``ref_logp``, ``entropy``, ``is_weights`` ``[N, R]`` or
+    None; ``normalizer`` from :func:`loss_normalizer`; the rest are the settings of ``LossConfig``.
 
     Returns:
-        ``loss`` (scalar) and detached metrics, each aggregated like the loss: ``pg_loss``, ``clip_frac``
-        (tokens where the clipped term is active), ``dual_clip_frac``, ``approx_kl`` (k3 of old vs
-        current), ``kl`` (vs reference, when given), ``entropy`` (when given), and with ``is_weights``:
-        ``is_weight`` (their mean) and ``is_masked_frac`` (tokens whose weight is exactly 0).
+        ``loss`` (scalar) and detached metrics aggregated like it: ``pg_loss``, ``clip_frac`` (clipped term
+        active), ``dual_clip_frac``, ``approx_kl`` (k3, old vs current), ``kl`` (vs reference), ``entropy``,
+        with ``is_weights`` ``is_weight`` (mean) and ``is_masked_frac`` (weight exactly 0).
     """
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
     if advantages.shape != logp.shape[:1]:
         raise ValueError(f"advantages must be [N] = {tuple(logp.shape[:1])}, got {tuple(advantages.shape)}")
     adv = advantages.detach().to(logp.dtype)[:, None]  # [N, 1]
-    if ratio_level == "token":
-        log_ratio = (logp - old_logp.detach()).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
-    elif ratio_level == "sequence":
-        log_seq = sequence_log_ratio(logp.detach(), old_logp.detach(), mask)
-        log_seq = log_seq.clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)  # [N]
-        log_ratio = log_seq[:, None] + logp - logp.detach()  # value log s_i, gradient of logp_t
-    else:
-        raise ValueError(f"ratio_level must be 'token' or 'sequence', got {ratio_level!r}")
-    ratio = log_ratio.exp()  # [N, R]
-    pg_unclipped = -adv * ratio
-    pg_clipped = -adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
-    pg = torch.maximum(pg_unclipped, pg_clipped)  # [N, R]
-    clipped = pg_clipped > pg_unclipped
-    dual = torch.zeros_like(clipped)
-    if dual_clip is not None:
-        bound = -adv * dual_clip
-        dual = (adv < 0) & (pg > bound)
-        pg = torch.where(dual, bound.expand_as(pg), pg)
+    ratio = _log_ratio(logp, old_logp, mask, ratio_level).exp()  # [N, R]
+    pg, clipped, dual = _clipped_surrogate(ratio, adv, eps_low, eps_high, dual_clip)
     if is_weights is not None:
         pg = pg * is_weights.detach()
 
@@ -323,23 +330,14 @@ def policy_loss(
         return aggregate(values, mask, agg, normalizer)
 
     per_token = pg
-    metrics: dict[str, Tensor] = {}
     with torch.no_grad():
-        metrics["pg_loss"] = agg_(pg.detach())
-        metrics["clip_frac"] = agg_(clipped.to(logp.dtype))
-        metrics["dual_clip_frac"] = agg_(dual.to(logp.dtype))
-        metrics["approx_kl"] = agg_(kl_penalty(logp.detach(), old_logp.detach(), "k3"))
-        if is_weights is not None:
-            metrics["is_weight"] = agg_(is_weights.detach().to(logp.dtype))
-            metrics["is_masked_frac"] = agg_((is_weights.detach() == 0).to(logp.dtype))
+        metrics = _surrogate_metrics(agg_, logp, old_logp, pg, clipped, dual, is_weights)
     if ref_logp is not None:
         kl = kl_penalty(logp, ref_logp.detach(), kl_kind)
-        if kl_coef:
-            per_token = per_token + kl_coef * kl
+        per_token = per_token + kl_coef * kl if kl_coef else per_token
         metrics["kl"] = agg_(kl.detach())
     if entropy is not None:
-        if entropy_coef:
-            per_token = per_token - entropy_coef * entropy
+        per_token = per_token - entropy_coef * entropy if entropy_coef else per_token
         metrics["entropy"] = agg_(entropy.detach())
     return agg_(per_token), metrics
 

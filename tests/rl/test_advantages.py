@@ -11,6 +11,7 @@ from qoq.rl.advantages import (
     DRPO,
     GRPO,
     RLOO,
+    AdvantageInputs,
     AdvantageOutput,
     DrGRPO,
     ReinforcePPBaseline,
@@ -77,7 +78,7 @@ def test_singleton_group_is_zero_not_nan():
 @pytest.mark.parametrize("cls", [GRPO, DrGRPO, RLOO, ReinforcePPBaseline])
 def test_stateless_estimators_protocol(cls):
     est = cls()
-    out = est(torch.tensor([1.0, 0.0, 0.0, 0.0]), groups(1, 4), torch.zeros(4, dtype=torch.long))
+    out = est(AdvantageInputs(torch.tensor([1.0, 0.0, 0.0, 0.0]), groups(1, 4), torch.zeros(4, dtype=torch.long)))
     assert isinstance(out, AdvantageOutput) and out.advantages.shape == (4,)
     assert est.needs_kl is False and est.state_dict() == {}
     est.load_state_dict({})
@@ -195,13 +196,13 @@ def test_drpo_estimator_needs_kl_and_round_trips(tmp_path):
     assert est.needs_kl and not DRPO(kl_damping=False).needs_kl
     rewards, g, d = hand_batch()
     with pytest.raises(ValueError, match="needs kl"):
-        est(rewards, g, d)
-    est(rewards, g, d, kl=torch.full((12,), 0.01))
+        est(AdvantageInputs(rewards, g, d))
+    est(AdvantageInputs(rewards, g, d, kl=torch.full((12,), 0.01)))
     torch.save(est.state_dict(), tmp_path / "drpo.pt")
     restored = DRPO(window=3, seed=1)
     restored.load_state_dict(torch.load(tmp_path / "drpo.pt", weights_only=True))
     nxt = torch.tensor([0.0, 0, 1, 0, 1, 1, 1, 0, 0.5, 0, 1, 0])
-    a, b = est(nxt, g, d, kl=torch.full((12,), 0.02)), restored(nxt, g, d, kl=torch.full((12,), 0.02))
+    a, b = est(AdvantageInputs(nxt, g, d, kl=torch.full((12,), 0.02))), restored(AdvantageInputs(nxt, g, d, kl=torch.full((12,), 0.02)))
     torch.testing.assert_close(a.advantages, b.advantages, rtol=0, atol=0)
 
 

@@ -8,19 +8,19 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qoq.rl.advantages import grpo
-from qoq.rl.balancing import (
+from qoq.rl.advantages import (
     DISCO,
+    AdvantageInputs,
     ComponentNormalized,
-    DynamicSamplingBuffer,
     FairGRPO,
     component_normalized,
     disco,
-    domain_batch_stats,
     fairness_weights,
-    filter_zero_variance,
+    grpo,
     masked_group_zscore,
 )
+from qoq.rl.groups import domain_batch_stats, filter_zero_variance
+from qoq.systems.dynamic_sampling import DynamicSamplingBuffer
 
 NAN = float("nan")
 PAPER = {"accuracy": 0.6, "iou": 0.2, "format": 0.2}
@@ -90,26 +90,26 @@ def test_component_normalized_separates_what_grpo_collapses():
 def test_component_normalized_estimator_uses_call_weights_unless_configured():
     comps, g, d = two_groups(), groups(2, 3), torch.zeros(6, dtype=torch.long)
     est = ComponentNormalized(eps=0.0)
-    assert est.needs_components and not est.needs_kl
-    out = est(torch.zeros(6), g, d, components=comps, weights=PAPER)
+    assert not est.needs_kl
+    out = est(AdvantageInputs(torch.zeros(6), g, d, components=comps, weights=PAPER))
     torch.testing.assert_close(
         out.advantages, torch.tensor([1.5, -0.5, -1.0, 0.5, 0.5, -1.0]), atol=1e-6, rtol=0
     )
     assert out.metrics["iou_signal_frac"].item() == pytest.approx(0.5)  # only group 0 has an IoU spread
     # accuracy only: the weights in the config win over the caller's
-    only_acc = ComponentNormalized(eps=0.0, weights={"accuracy": 1.0})(
+    only_acc = ComponentNormalized(eps=0.0, weights={"accuracy": 1.0})(AdvantageInputs(
         torch.zeros(6), g, d, components=comps, weights=PAPER
-    )
+    ))
     expected = masked_group_zscore(comps["accuracy"], g, 0.0)
     torch.testing.assert_close(only_acc.advantages.double(), expected / expected.std(), atol=1e-6, rtol=0)
 
 
 def test_component_normalized_errors_name_the_problem():
     g, d = groups(2, 3), torch.zeros(6, dtype=torch.long)
-    with pytest.raises(ValueError, match="needs components"):
-        ComponentNormalized()(torch.zeros(6), g, d, weights=PAPER)
+    with pytest.raises(ValueError, match="needs the reward components"):
+        ComponentNormalized()(AdvantageInputs(torch.zeros(6), g, d, weights=PAPER))
     with pytest.raises(ValueError, match="needs weights"):
-        ComponentNormalized()(torch.zeros(6), g, d, components=two_groups())
+        ComponentNormalized()(AdvantageInputs(torch.zeros(6), g, d, components=two_groups()))
     with pytest.raises(ValueError, match="'length'"):
         component_normalized(two_groups(), g, {"accuracy": 1.0, "length": 0.1})
     with pytest.raises(ValueError, match="no non-zero weight"):
@@ -153,15 +153,15 @@ def test_disco_difficulty_weight_favours_uncertain_groups():
 def test_disco_estimator_frequencies_follow_the_questions_seen():
     est = DISCO()
     d = torch.tensor([0, 0, 0, 0, 1, 1])
-    est(torch.tensor([1.0, 0.0] * 3), groups(3, 2), d)  # domain 0: 2 questions, domain 1: 1
-    out = est(torch.tensor([1.0, 0.0, 0.0, 1.0]), groups(2, 2), torch.tensor([1, 1, 1, 1]))  # domain 1: +2
+    est(AdvantageInputs(torch.tensor([1.0, 0.0] * 3), groups(3, 2), d))  # domain 0: 2 questions, domain 1: 1
+    out = est(AdvantageInputs(torch.tensor([1.0, 0.0, 0.0, 1.0]), groups(2, 2), torch.tensor([1, 1, 1, 1])))  # domain 1: +2
     assert est.state_dict() == {"seen": {"domains": [0, 1], "counts": [2, 3]}}
     assert out.metrics["frequency"][1].item() == pytest.approx(0.6)
     assert out.metrics["w_dom"][1].item() == pytest.approx(math.log(1 + 1 / 0.6), rel=1e-6)
     fresh = DISCO()
     fresh.load_state_dict(est.state_dict())
     batch = (torch.tensor([0.0, 1.0, 1.0, 1.0]), groups(2, 2), torch.tensor([0, 0, 1, 1]))
-    torch.testing.assert_close(fresh(*batch).advantages, est(*batch).advantages)
+    torch.testing.assert_close(fresh(AdvantageInputs(*batch)).advantages, est(AdvantageInputs(*batch)).advantages)
 
 
 # ------------------------------------------------------------------------------------------ FairGRPO
@@ -176,12 +176,12 @@ def test_fairgrpo_weights_worse_and_rarer_groups_up_by_hand():
     # w = 1 / m -> 3 and 1.5; GRPO z (u = 1/sqrt(3)): [2u, -u, -u], [u, u, -2u]
     # s~ = [6u, -3u, -3u, 1.5u, 1.5u, -3u]; A = s~ / std(s~)
     est = FairGRPO(momentum=0.5, eps=0.0)
-    out = est(torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0]), groups(2, 3), torch.tensor([0, 0, 0, 1, 1, 1]))
+    out = est(AdvantageInputs(torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0]), groups(2, 3), torch.tensor([0, 0, 0, 1, 1, 1])))
     s = torch.tensor([6.0, -3.0, -3.0, 1.5, 1.5, -3.0])
     torch.testing.assert_close(out.advantages, s / s.std(), atol=1e-6, rtol=0)
     assert out.metrics["weight"][0].item() == pytest.approx(4 / 3)  # normalised to mean 1 over the batch
     # step 2, domain 0 only, mean 1/2 (N = 1 + 2 = 3): m0 = .5 * 1/3 + .5 * 1/2 = 5/12
-    est(torch.tensor([1.0, 0.0, 0.0, 1.0]), groups(2, 2), torch.zeros(4, dtype=torch.long))
+    est(AdvantageInputs(torch.tensor([1.0, 0.0, 0.0, 1.0]), groups(2, 2), torch.zeros(4, dtype=torch.long)))
     state = est.state_dict()
     assert state["seen"] == {"domains": [0, 1], "counts": [3, 1]}
     assert state["running_reward"] == pytest.approx([5 / 12, 2 / 3])
@@ -189,11 +189,11 @@ def test_fairgrpo_weights_worse_and_rarer_groups_up_by_hand():
 
 def test_fairgrpo_state_round_trip_gives_identical_advantages():
     est = FairGRPO()
-    est(torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0]), groups(3, 2), torch.tensor([0, 0, 1, 1, 2, 2]))
+    est(AdvantageInputs(torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0]), groups(3, 2), torch.tensor([0, 0, 1, 1, 2, 2])))
     fresh = FairGRPO()
     fresh.load_state_dict(est.state_dict())
     batch = (torch.tensor([1.0, 0.0, 1.0, 0.0, 0.5, 0.0]), groups(3, 2), torch.tensor([0, 0, 1, 1, 2, 2]))
-    torch.testing.assert_close(fresh(*batch).advantages, est(*batch).advantages)
+    torch.testing.assert_close(fresh(AdvantageInputs(*batch)).advantages, est(AdvantageInputs(*batch)).advantages)
     assert fresh.state_dict() == est.state_dict()
 
 
@@ -213,7 +213,7 @@ def test_reweighting_keeps_group_means_zero_and_finite(sizes, data):
     g = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
     dom = torch.tensor(data.draw(st.lists(st.integers(0, 2), min_size=len(sizes), max_size=len(sizes))))[g]
     for cls in ESTIMATORS:
-        adv = cls()(rewards, g, dom).advantages
+        adv = cls()(AdvantageInputs(rewards, g, dom)).advantages
         assert torch.isfinite(adv).all()
         means = torch.zeros(len(sizes)).index_add_(0, g, adv) / torch.tensor(sizes)
         torch.testing.assert_close(means, torch.zeros(len(sizes)), atol=1e-5, rtol=0)
@@ -224,18 +224,18 @@ def test_reweighting_keeps_group_means_zero_and_finite(sizes, data):
 @pytest.mark.parametrize("cls", ESTIMATORS)
 def test_group_spanning_two_domains_raises(cls):
     with pytest.raises(ValueError, match="different domain ids"):
-        cls()(torch.tensor([1.0, 0.0, 1.0, 0.0]), groups(2, 2), torch.tensor([0, 1, 1, 1]))
+        cls()(AdvantageInputs(torch.tensor([1.0, 0.0, 1.0, 0.0]), groups(2, 2), torch.tensor([0, 1, 1, 1])))
 
 
 @pytest.mark.parametrize("cls", [*ESTIMATORS, ComponentNormalized])
-def test_non_finite_rewards_raise_and_call_accepts_component_keywords(cls):
+def test_non_finite_rewards_raise_and_components_are_accepted(cls):
     est = cls()
     kw = {"components": {"accuracy": torch.tensor([1.0, 0.0, 1.0, 0.0])}, "weights": {"accuracy": 1.0}}
     with pytest.raises(ValueError, match="NaN or inf"):
-        est(torch.tensor([1.0, NAN, 1.0, 0.0]), groups(2, 2), torch.zeros(4, dtype=torch.long), **kw)
-    out = est(
+        est(AdvantageInputs(torch.tensor([1.0, NAN, 1.0, 0.0]), groups(2, 2), torch.zeros(4, dtype=torch.long), **kw))
+    out = est(AdvantageInputs(
         torch.tensor([1.0, 0.0, 1.0, 0.0]), groups(2, 2), torch.zeros(4, dtype=torch.long), kl=None, **kw
-    )
+    ))
     assert out.advantages.shape == (4,) and est.needs_kl is False
 
 

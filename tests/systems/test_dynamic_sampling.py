@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from qoq.rl.rewards import RewardOutput
+from qoq.rl.rollout import ScriptedEngine
 from qoq.systems.dynamic_sampling import DynamicSampling, collect_dynamic, collect_plain
-from qoq.types import ModalityBatch, PromptBatch, RolloutBatch
+from qoq.types import ModalityBatch, PromptBatch, SamplingParams
 
 #: Rewards of the two rollouts of each prompt: equal pairs are zero-variance groups.
 REWARDS = {
@@ -34,33 +35,21 @@ def _batch(ids: str, domain_ids: list[int] | None = None) -> PromptBatch:
     )
 
 
-class _FakeEngine:
-    """Two rollouts per prompt; response k of prompt c is ``c`` repeated k + 1 times (widths differ)."""
+class _Generate:
+    """Two rollouts per prompt from :class:`ScriptedEngine`: response j of prompt c in generation k is
+    ``c`` repeated j + 1 + k times (later generations are longer: the merge pads them)."""
 
     def __init__(self) -> None:
+        self.engine = ScriptedEngine()
         self.calls: list[tuple[list[str], int]] = []
 
     def __call__(self, prompts: PromptBatch, k: int):
         self.calls.append((list(prompts.ids), k))
-        rows = [(p, j) for p in range(len(prompts)) for j in range(2)]
-        width = 2 + k  # later generations have longer responses: the merge pads them
-        ids = torch.zeros((len(rows), width), dtype=torch.long)  # the engine pads with 0
-        mask = torch.zeros((len(rows), width), dtype=torch.bool)
-        for r, (p, j) in enumerate(rows):
-            ids[r, : j + 1] = ord(prompts.ids[p])
-            mask[r, : j + 1] = True
-        rollout = RolloutBatch(
-            prompt_index=torch.tensor([p for p, _ in rows]),
-            response_ids=ids,
-            response_mask=mask,
-            texts=[prompts.ids[p] * (j + 1) for p, j in rows],
-            engine_logprobs=torch.zeros(len(rows), width),
-            truncated=torch.zeros(len(rows), dtype=torch.bool),
-        )
-        total = torch.tensor([REWARDS[prompts.ids[p]][j] for p, j in rows])
-        scored = RewardOutput(total, {"accuracy": total.clone()})
+        self.engine.texts = [c * (j + 1 + k) for c in prompts.ids for j in range(2)]
         embeds = [torch.full((3, 2), float(ord(c))) for c in prompts.ids]
-        return embeds, rollout, scored
+        rollout = self.engine.generate(embeds, SamplingParams(n=2, max_new_tokens=8))
+        total = torch.tensor([REWARDS[c][j] for c in prompts.ids for j in range(2)])
+        return embeds, rollout, RewardOutput(total, {"accuracy": total.clone()})
 
 
 def _draws(*batches: str):
@@ -71,7 +60,7 @@ def _draws(*batches: str):
 
 
 def test_keeps_only_groups_with_a_reward_spread_and_refills_to_the_target() -> None:
-    engine = _FakeEngine()
+    engine = _Generate()
     out = collect_dynamic(_batch("abcd"), engine, _draws("efgh", "ijkl"), DynamicSampling(max_gen_batches=3), pad_id=9)
     # target 4 groups: b from the batch, then e, g, h from the first refill -> full after 2 generations
     assert out.batch.ids == ["b", "e", "g", "h"]
@@ -80,11 +69,11 @@ def test_keeps_only_groups_with_a_reward_spread_and_refills_to_the_target() -> N
     assert out.metrics == {"gen_batches": 2.0, "informative_group_frac": 4 / 8, "kept_groups": 4.0}
     # responses follow their prompts; the shorter generation is padded with pad_id and masked out
     assert out.rollout.prompt_index.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
-    assert out.rollout.texts == ["b", "bb", "e", "ee", "g", "gg", "h", "hh"]
-    assert out.rollout.response_ids.shape == (8, 3)
-    assert out.rollout.response_ids[0].tolist() == [ord("b"), 0, 9]  # engine pad, then merge pad
-    assert out.rollout.engine_logprobs.shape == (8, 3) and out.rollout.truncated.shape == (8,)
-    assert out.rollout.response_mask.sum(-1).tolist() == [1, 2] * 4
+    assert out.rollout.texts == ["b", "bb", "ee", "eee", "gg", "ggg", "hh", "hhh"]
+    assert out.rollout.response_ids.shape == (8, 4)  # the longer generation's width (EOS included)
+    assert out.rollout.response_ids[0].tolist() == [ord("b"), 1, 0, 9]  # EOS, engine pad, then merge pad
+    assert out.rollout.engine_logprobs is None and out.rollout.truncated.shape == (8,)
+    assert out.rollout.response_mask.sum(-1).tolist() == [2, 3, 3, 4, 3, 4, 3, 4]
     assert out.scored.total.tolist() == pytest.approx([0.0, 1.0, 0.2, 0.7, 0.0, 0.3, 0.9, 0.1])
     assert torch.equal(out.scored.components["accuracy"], out.scored.total)
     assert [float(e[0, 0]) for e in out.embeds] == [float(ord(c)) for c in "begh"]
@@ -96,25 +85,26 @@ def test_keeps_only_groups_with_a_reward_spread_and_refills_to_the_target() -> N
 
 
 def test_stops_at_the_cap_and_trains_on_what_it_has() -> None:
-    engine = _FakeEngine()
+    engine = _Generate()
     out = collect_dynamic(_batch("abcd"), engine, _draws("ijkl", "ijkl"), DynamicSampling(max_gen_batches=2), pad_id=0)
     assert len(engine.calls) == 2 and out.gen_batches == 2
     assert out.batch.ids == ["b"] and out.kept_groups == 1 and out.rollout.texts == ["b", "bb"]
+    assert len(engine.engine.calls) == 2 and engine.engine.syncs == 0
 
 
 def test_keeps_the_first_informative_groups_when_a_refill_overshoots() -> None:
-    out = collect_dynamic(_batch("ab"), _FakeEngine(), _draws("efgh"), DynamicSampling(max_gen_batches=5), pad_id=0)
+    out = collect_dynamic(_batch("ab"), _Generate(), _draws("efgh"), DynamicSampling(max_gen_batches=5), pad_id=0)
     assert out.batch.ids == ["b", "e"] and out.gen_batches == 2  # g and h dropped: the target is 2
 
 
 def test_no_informative_group_falls_back_to_the_batch_as_is() -> None:
-    out = collect_dynamic(_batch("acd"), _FakeEngine(), _draws("ijkl"), DynamicSampling(max_gen_batches=2), pad_id=0)
+    out = collect_dynamic(_batch("acd"), _Generate(), _draws("ijkl"), DynamicSampling(max_gen_batches=2), pad_id=0)
     assert out.batch.ids == ["a", "c", "d"] and out.kept_groups == 0 and out.gen_batches == 2
     assert out.metrics["informative_group_frac"] == 0.0 and len(out.rollout) == 6
 
 
 def test_plain_collection_and_settings() -> None:
-    out = collect_plain(_batch("abcd"), _FakeEngine())
+    out = collect_plain(_batch("abcd"), _Generate())
     assert out.batch.ids == list("abcd") and out.gen_batches == 1 and out.kept_groups == 4 and not out.metrics
     with pytest.raises(ValueError, match="max_gen_batches"):
         DynamicSampling(max_gen_batches=0)

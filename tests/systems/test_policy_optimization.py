@@ -9,9 +9,9 @@ from torch.utils.data import DataLoader
 
 from qoq.data import MultiDomainDataModule
 from qoq.models.policy import tiny_policy
-from qoq.rl.advantages import DRPO, GRPO
+from qoq.rl.advantages import DRPO, GRPO, AdvantageInputs
 from qoq.rl.rewards import RewardFn
-from qoq.rl.rollout import HFEngine
+from qoq.rl.rollout import HFEngine, ScriptedEngine
 from qoq.systems import LossConfig, NonFiniteError, PolicyOptimization
 from qoq.types import SamplingParams
 
@@ -101,8 +101,8 @@ def test_drpo_state_round_trips_through_checkpoint(tmp_path, datamodule) -> None
     groups = torch.tensor([0, 0, 1, 1])
     domains = torch.tensor([0, 0, 1, 1])
     kl = torch.zeros(4)
-    a = system.advantage(rewards, groups, domains, kl=kl).advantages
-    b = restored.advantage(rewards, groups, domains, kl=kl).advantages
+    a = system.advantage(AdvantageInputs(rewards, groups, domains, kl=kl)).advantages
+    b = restored.advantage(AdvantageInputs(rewards, groups, domains, kl=kl)).advantages
     torch.testing.assert_close(a, b)
 
 
@@ -187,9 +187,9 @@ def test_drpo_kl_damping_uses_the_engine_logprobs_when_reusing(tmp_path, one_bat
     seen = []
 
     class Recording(DRPO):
-        def __call__(self, rewards, group_ids, domain_ids, kl=None, **kwargs):
-            seen.append(kl.clone())
-            return super().__call__(rewards, group_ids, domain_ids, kl=kl, **kwargs)
+        def __call__(self, inputs):
+            seen.append(inputs.kl.clone())
+            return super().__call__(inputs)
 
     _, _, _, forwards = _run(tmp_path, one_batch, advantage=Recording(window=5))
     assert forwards == [] and seen[0].shape == (6,) and torch.isfinite(seen[0]).all()
@@ -301,3 +301,16 @@ def test_all_equal_groups_give_zero_finite_advantages(tmp_path, one_batch, n) ->
                                  reward=Constant(), loss=LossConfig(kl_coef=0.0))
         assert float(logs["train/pg_loss"]) == 0.0, type(advantage).__name__
         assert all(v.abs().max() == 0 for v in grads[0].values()), type(advantage).__name__
+
+
+def test_scripted_rollouts_are_scored_and_synced_once_per_step(tmp_path, one_batch) -> None:
+    """With the scripted engine the step's rewards are those of its texts, and the weights are pushed once
+    at the start and once after each step's update."""
+    right, wrong = "<think>ok</think>\\boxed{" + one_batch.targets[0].answer[0] + "}", "\\boxed{}"
+    engine = ScriptedEngine([right, wrong], logprob=0.0)
+    system, _, logs, _ = _run(tmp_path, one_batch, rollout=engine, reward=RewardFn(weights={"accuracy": 1.0}),
+                              trace_every=1, sampling=SamplingParams(n=2, max_new_tokens=64, seed=0))
+    assert engine.syncs == 2 and engine.synced_tensors > 0 and len(engine.calls) == 1
+    assert engine.calls[0].n == 2 and float(logs["train/logp_mismatch_max"]) > 0  # engine says 0, trainer not
+    rows = system.last_rollout_trace
+    assert [r["response"] for r in rows[:2]] == [right, wrong] and rows[0]["reward"] == 1.0

@@ -50,14 +50,8 @@ class StaleWeightsError(RuntimeError):
 class RolloutEngine(Protocol):
     """What the RL system needs from a rollout engine."""
 
-    def setup(
-        self,
-        model: Any,
-        tokenizer: Any,
-        workdir: Path,
-        suppress_token_ids: Sequence[int] = (),
-        eos_token_ids: Sequence[int] = (),
-    ) -> None:
+    def setup(self, model: Any, tokenizer: Any, workdir: Path, suppress_token_ids: Sequence[int] = (),
+              eos_token_ids: Sequence[int] = ()) -> None:  # fmt: skip
         """Bind the engine to a built policy LM (called once, after the model exists).
 
         Args:

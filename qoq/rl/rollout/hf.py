@@ -27,15 +27,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from qoq.rl.rollout.base import (
-    SpecialIds,
-    SyncReport,
-    assemble_rollout,
-    check_prompt_embeds,
-    check_sampling_params,
-    resolve_special_ids,
-    unwrap_peft,
-)
+from qoq.rl.rollout import base
 from qoq.types import RolloutBatch, SamplingParams
 
 
@@ -93,28 +85,15 @@ class HFEngine:
         self.batch_size = batch_size
         self._model: Any = None
         self._tokenizer: Any = None
-        self._ids: SpecialIds | None = None
+        self._ids: base.SpecialIds | None = None
 
-    def setup(
-        self,
-        model: Any,
-        tokenizer: Any,
-        workdir: Path,
-        suppress_token_ids: Sequence[int] = (),
-        eos_token_ids: Sequence[int] = (),
-    ) -> None:
-        """Bind the engine to the policy LM (``workdir`` is unused: no copy is made).
-
-        Args:
-            model: the HF causal LM the trainer optimises (a peft wrapper is looked through).
-            tokenizer: its tokenizer.
-            workdir: unused.
-            suppress_token_ids: token ids never to sample.
-            eos_token_ids: ids that end a response; empty means the model's / tokenizer's EOS.
-        """
-        model = unwrap_peft(model)
+    def setup(self, model: Any, tokenizer: Any, workdir: Path, suppress_token_ids: Sequence[int] = (),
+              eos_token_ids: Sequence[int] = ()) -> None:  # fmt: skip
+        """Bind the engine to the policy LM the trainer optimises (a peft wrapper is looked through);
+        ``workdir`` is unused: no copy is made. Arguments as :meth:`RolloutEngine.setup`."""
+        model = base.unwrap_peft(model)
         self._model, self._tokenizer = model, tokenizer
-        self._ids = resolve_special_ids(model, tokenizer, suppress_token_ids, eos_token_ids)
+        self._ids = base.resolve_special_ids(model, tokenizer, suppress_token_ids, eos_token_ids)
 
     def _processors(self, params: SamplingParams, device: torch.device) -> list[LogitsProcessor]:
         assert self._ids is not None
@@ -142,8 +121,8 @@ class HFEngine:
             raise RuntimeError("HFEngine.generate() before setup()")
         model, ids = self._model, self._ids
         embedding = model.get_input_embeddings().weight
-        check_sampling_params(params)
-        check_prompt_embeds(prompt_embeds, embedding.shape[1])
+        base.check_sampling_params(params)
+        base.check_prompt_embeds(prompt_embeds, embedding.shape[1])
         device, dtype = embedding.device, embedding.dtype
         eos = torch.tensor(ids.eos, device=device)
         step = self.batch_size or len(prompt_embeds)
@@ -187,12 +166,12 @@ class HFEngine:
                     tokens.append(seqs[row, :end].tolist())
                     logprobs.append(lps[row, :end].tolist())
                 truncated.extend((~has_eos).tolist())
-        return assemble_rollout(tokens, logprobs, truncated, params.n, ids.pad, self._tokenizer)
+        return base.assemble_rollout(tokens, logprobs, truncated, params.n, ids.pad, self._tokenizer)
 
-    def sync_weights(self, weights: Iterable[tuple[str, Tensor]]) -> SyncReport:
+    def sync_weights(self, weights: Iterable[tuple[str, Tensor]]) -> base.SyncReport:
         """No-op: the engine samples from the trainer's module itself (``weights`` is not consumed)."""
         start = time.perf_counter()
-        return SyncReport(seconds=time.perf_counter() - start, num_tensors=0, num_bytes=0, verified=True)
+        return base.SyncReport(seconds=time.perf_counter() - start, num_tensors=0, num_bytes=0, verified=True)
 
     def close(self) -> None:
         """Drop the references to the model and tokenizer."""

@@ -54,10 +54,9 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from qoq.console import verbose
 from torch import Tensor, nn
 
+from qoq.console import verbose
 from qoq.rl.rollout.base import (
     SpecialIds,
     StaleWeightsError,
@@ -322,14 +321,8 @@ class VLLMEngine:
 
     # ----- setup ----------------------------------------------------------------------------------------
 
-    def setup(
-        self,
-        model: Any,
-        tokenizer: Any,
-        workdir: Path,
-        suppress_token_ids: Sequence[int] = (),
-        eos_token_ids: Sequence[int] = (),
-    ) -> None:
+    def setup(self, model: Any, tokenizer: Any, workdir: Path, suppress_token_ids: Sequence[int] = (),
+              eos_token_ids: Sequence[int] = ()) -> None:  # fmt: skip
         """Save the LM and tokenizer into ``workdir`` and start the vLLM engine on them.
 
         A model with peft adapters injected is saved with its base weights; push the merged weights with
@@ -337,12 +330,8 @@ class VLLMEngine:
         ``setup`` again (e.g. after a checkpoint reload) keeps a running engine when the weight names are
         unchanged (push the weights with :meth:`sync_weights`); otherwise the engine is rebuilt.
 
-        Args:
-            model: the HF causal LM (a peft wrapper is looked through: its base weights are saved).
-            tokenizer: its tokenizer.
-            workdir: folder for the saved copy vLLM loads (created).
-            suppress_token_ids: token ids never to sample.
-            eos_token_ids: ids that end a response; empty means the model's / tokenizer's EOS.
+        Arguments as :meth:`RolloutEngine.setup`: a peft wrapper around ``model`` is looked through (its base
+        weights are saved); ``workdir`` gets the saved copy vLLM loads (created).
         """
         start = time.perf_counter()
         model = unwrap_peft(model)
@@ -367,6 +356,18 @@ class VLLMEngine:
         self._expected_names = tuple(state)
         self._tied = self._tied_names(model)
 
+        self._llm = self._start_llm(workdir)
+        _quiet_rotary_reload_notice()
+        self._threads = torch.get_num_threads()
+        self._choose_probes(state, self._llm.apply_model(_worker_layout)[0])
+        # Run the probes once now: vLLM's CPU kernels are cached per shape, so later probes reuse the
+        # kernels built against the engine's original weight layout (and so catch a repack that broke it).
+        self._llm.apply_model(partial(_worker_readings, probes=self._probes, inputs=self._inputs))
+        self.forward_gap()
+        self.start_seconds = time.perf_counter() - start
+
+    def _start_llm(self, workdir: Path) -> Any:
+        """Start an in-process ``vllm.LLM`` on the saved copy in ``workdir`` (prompt embeddings enabled)."""
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if self.kv_cache_gib is not None:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, math.ceil(self.kv_cache_gib))))
@@ -378,7 +379,7 @@ class VLLMEngine:
         extra = {} if self.kv_cache_gib is None else {"kv_cache_memory_bytes": int(self.kv_cache_gib * 2**30)}
         with _preserved_process_state(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm\.")
-            self._llm = vllm.LLM(
+            return vllm.LLM(
                 model=str(workdir),
                 tokenizer=str(workdir),
                 enable_prompt_embeds=True,
@@ -395,14 +396,6 @@ class VLLMEngine:
                 use_tqdm_on_load=verbose(),  # the weight-loading bar at each start, with `qoq -v` only
                 **extra,
             )
-        _quiet_rotary_reload_notice()
-        self._threads = torch.get_num_threads()
-        self._choose_probes(state, self._llm.apply_model(_worker_layout)[0])
-        # Run the probes once now: vLLM's CPU kernels are cached per shape, so later probes reuse the
-        # kernels built against the engine's original weight layout (and so catch a repack that broke it).
-        self._llm.apply_model(partial(_worker_readings, probes=self._probes, inputs=self._inputs))
-        self.forward_gap()
-        self.start_seconds = time.perf_counter() - start
 
     @staticmethod
     def _tied_names(model: Any) -> tuple[str, str] | None:
