@@ -54,6 +54,33 @@ CONDITIONS: dict[str, tuple[str, ...]] = {
     "easy_head": (),
     "noisy_head": ("--data", "configs/data/benchmark_v2_noisy_head.yaml"),
 }
+#: A condition may name an RL regime after "@" (``easy_head@group8``): ``configs/regime/<name>.yaml`` is
+#: layered on top; the warm starts, the benchmark build and the SFT row are the data condition's.
+REGIMES = ROOT / "configs" / "regime"
+
+
+def data_condition(condition: str) -> str:
+    """``easy_head@group8`` -> ``easy_head`` (the part that decides the data and the held-out split)."""
+    return condition.split("@", 1)[0]
+
+
+def condition_args(condition: str) -> tuple[str, ...]:
+    """The ``qoq`` arguments of a condition: its data overlay, then its regime overlay if it names one."""
+    data, _, regime = condition.partition("@")
+    return (*CONDITIONS.get(data, ()), *(("--config", f"configs/regime/{regime}.yaml") if regime else ()))
+
+
+def check_condition(condition: str) -> str:
+    """argparse type: a known data condition, optionally with a known regime."""
+    data, _, regime = condition.partition("@")
+    if data not in CONDITIONS:
+        raise argparse.ArgumentTypeError(f"unknown condition {data!r} (known: {', '.join(CONDITIONS)})")
+    if regime and not (REGIMES / f"{regime}.yaml").is_file():
+        known = ", ".join(sorted(p.stem for p in REGIMES.glob("*.yaml")))
+        raise argparse.ArgumentTypeError(f"unknown regime {regime!r} (configs/regime/: {known})")
+    return condition
+
+
 #: Samples per held-out record in the temperature-1 evaluation.
 T1_SAMPLES = 4
 #: The evaluations of every run: folder name -> extra ``qoq test`` arguments (seed filled in per run).
@@ -99,6 +126,7 @@ class Plan:
 
     def benchmark_dir(self, condition: str) -> Path:
         """The benchmark build of a condition (the noisy head has its own training labels)."""
+        condition = data_condition(condition)
         return self.root / ("benchmark" if condition == "easy_head" else f"benchmark-{condition}")
 
     def run_dir(self, condition: str, method: str, seed: int) -> Path:
@@ -112,7 +140,7 @@ class Plan:
 
     def _configs(self, condition: str, method: str) -> list[str]:
         algorithm = [] if method == SFT else ["--config", f"configs/algorithm/{method}.yaml"]
-        return ["--config", "configs/benchmark_v2.yaml", *CONDITIONS.get(condition, ()), *algorithm]
+        return ["--config", "configs/benchmark_v2.yaml", *condition_args(condition), *algorithm]
 
     def fit_argv(self, condition: str, method: str, seed: int) -> list[str]:
         """``qoq fit`` arguments of one run (only ``--seed_everything`` sets its seeds)."""
@@ -216,6 +244,7 @@ def sft_rows(plan: Plan, condition: str, seed: int, say=print) -> Run:
     """The warm start as a row of ``condition``: evaluated on that condition's held-out split."""
     row = Run(condition, SFT, seed, reports={})
     run_dir = plan.run_dir(condition, SFT, seed)
+    condition = data_condition(condition)  # a regime changes the RL stage only: the warm start's rows are shared
     sub = "" if condition == "easy_head" else f"-{condition}"
     try:
         for name in EVALS:
@@ -283,7 +312,7 @@ def build(plan: Plan, condition: str) -> Path:
 
     from qoq.data.benchmark import build_benchmark
 
-    args = CONDITIONS.get(condition, ())
+    args = CONDITIONS.get(data_condition(condition), ())
     data = args[args.index("--data") + 1] if "--data" in args else "configs/data/benchmark_v2.yaml"
     cfg = yaml.safe_load((ROOT / data).read_text())["init_args"]
     keys = ("counts", "eval_per_domain", "image_size", "sft_per_domain", "held_out_sources", "label_noise")
@@ -299,7 +328,7 @@ def finished(plan: Plan) -> list[Run]:
     """Every run whose evaluations have finished, without running anything."""
     out = []
     for c in plan.conditions:
-        sub = "" if c == "easy_head" else f"-{c}"
+        sub = "" if data_condition(c) == "easy_head" else f"-{data_condition(c)}"
         for m in (SFT, *plan.methods):
             for s in plan.seeds:
                 run_dir = plan.run_dir(c, m, s)
@@ -823,7 +852,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--conditions", nargs="+", default=["easy_head"], choices=list(CONDITIONS))
+    p.add_argument("--conditions", nargs="+", default=["easy_head"], type=check_condition,
+                   help=f"data conditions ({', '.join(CONDITIONS)}), each optionally with an RL regime from "
+                   "configs/regime/ after '@' (easy_head@group8)")
     p.add_argument(
         "--steps", type=int, default=None, help="RL optimizer steps (default: configs/benchmark_v2.yaml)"
     )
