@@ -522,12 +522,13 @@ def write_report(
              f"({os.cpu_count()} cores). The tabulated runs span {_span(plan, runs) / 60:.1f} min from the first "
              "fit's start to the last evaluation's end (from their marker files); per-run times and the load at the "
              "end of each fit are in the Runs table."), ""]  # fmt: skip
-    rows_csv = []
+    rows_csv, sections, overview = [], [], []
     for condition in plan.conditions:
         if not plan.benchmark_dir(condition).joinpath("build.json").is_file():
             continue
         domains = Domains.of(plan.benchmark_dir(condition))
-        lines += _condition_section(plan, condition, domains, scores, done, rows_csv, out)
+        sections += _condition_section(plan, condition, domains, scores, done, rows_csv, out, overview)
+    lines += _overview_table(overview) + sections
     lines += ["## Runs", "", "| condition | method | seed | fit (s) | evaluations (s) | load at fit end | status |",
               "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in runs:
@@ -547,7 +548,16 @@ def write_report(
     return path
 
 
-def _condition_section(plan, condition, domains, scores, done, rows_csv, out) -> list[str]:
+def _overview_table(rows: Sequence[str]) -> list[str]:
+    return ["## Overview", "",
+            ("Greedy held-out accuracy (primary): macro over the real-derived domains, mean ± std over seeds, and "
+             "the paired differences (per seed, same warm start) to the warm start and to GRPO of the same "
+             "condition, mean [95 % t interval]; * = the interval excludes 0. Details per condition below."), "",
+            "| condition | method | macro | rare | worst | minus SFT, macro | minus GRPO, macro | minus GRPO, rare |",
+            "|---|---|---|---|---|---|---|---|", *rows, ""]  # fmt: skip
+
+
+def _condition_section(plan, condition, domains, scores, done, rows_csv, out, overview) -> list[str]:
     methods = [SFT, *plan.methods]
     per: dict[tuple[str, str, int], dict[str, float]] = {}
     for (c, m, s), sc in scores.items():
@@ -564,6 +574,18 @@ def _condition_section(plan, condition, domains, scores, done, rows_csv, out) ->
                 values[f"{'greedy' if name == 'test' else 't1'}_{key}/{k}"] = v
         per[m, s] = values
         rows_csv.append({"condition": c, "method": m, "seed": s, **values})
+    for m in methods:
+        seeds = [s for s in plan.seeds if (m, s) in per]
+        if not seeds:
+            continue
+
+        def diff(base: str, col: str, m=m) -> str:
+            return fmt_interval([per[m, s][f"greedy_accuracy/{col}"] - per[base, s][f"greedy_accuracy/{col}"]
+                                 for s in plan.seeds if (m, s) in per and (base, s) in per]) if m != base else ""  # fmt: skip
+
+        cells = [fmt_mean([per[m, s][f"greedy_accuracy/{c}"] for s in seeds]) for c in ("macro", "rare", "worst")]
+        overview.append(f"| {condition} | {m} | " + " | ".join(cells) + f" | {diff(SFT, 'macro')} | "
+                        f"{diff('grpo', 'macro')} | {diff('grpo', 'rare')} |")  # fmt: skip
     cols = [*domains.names, "macro", "rare", "worst"]
     share = {d: domains.train[d] / sum(domains.train.values()) for d in domains.names}
     head = [f"{d} ({share[d]:.1%}{', synthetic' if d in domains.synthetic else ''})" for d in domains.names]
@@ -774,7 +796,8 @@ def _plot_diagnostics(path: Path, plan: Plan, domains: Domains, curves, scales) 
                 xs = sorted({t for r in runs for t in r})
                 ax.plot(xs, _mean_curve(runs, xs, 1), style, color="C1", label=f"drpo {key}")
         ax.set_title(f"{d}: DRPO temperatures (per logged step)", fontsize=9)
-        ax.legend(fontsize=6)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
         ax.grid(alpha=0.3)
         for k, m in enumerate(methods):
             ax = fig.add_subplot(n_rows, len(rare), (2 + k) * len(rare) + i + 1)
@@ -789,7 +812,8 @@ def _plot_diagnostics(path: Path, plan: Plan, domains: Domains, curves, scales) 
                     ax.plot(steps, _mean_curve(present, steps, window), label=label, lw=1.0)
             ax.set_title(f"{d}: share of sampled answers per label, {m}", fontsize=9)
             ax.set_ylim(-0.02, 1.02)
-            ax.legend(fontsize=5)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=5)
             ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
