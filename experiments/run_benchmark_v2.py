@@ -353,15 +353,25 @@ def eval_scores(report: Path) -> dict[str, dict[str, float]]:
     Returns:
         domain -> {"accuracy": share of responses whose answer is exactly right, "in_labels": share whose
         answer is one of the domain's labels, "varied": share of records whose samples differ in accuracy
-        (1 sample per record: 0), "records": records}.
+        (1 sample per record: 0), "foreign": share whose answer is a label of another benchmark domain and
+        not of its own (cross-domain label leakage), "records": records}.
     """
+    from qoq.data.benchmark import TASKS
+    from qoq.rl.rewards import extract_answer
+
+    own = {t.domain: set(t.labels) for t in TASKS}
+    every = tuple(dict.fromkeys(x for t in TASKS for x in t.labels))
     by_record: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     answered: dict[str, list[bool]] = defaultdict(list)
+    foreign: dict[str, list[bool]] = defaultdict(list)
     with (report / "traces.jsonl").open() as f:
         for line in f:
             row = json.loads(line)
-            by_record[row["domain"]][row["prompt_id"]].append(float(row["rewards"]["accuracy"]))
-            answered[row["domain"]].append(bool(row["predicted"]))
+            domain = row["domain"]
+            by_record[domain][row["prompt_id"]].append(float(row["rewards"]["accuracy"]))
+            answered[domain].append(bool(row["predicted"]))
+            said = extract_answer(row.get("response", ""), every)
+            foreign[domain].append(bool(said) and not said & own.get(domain, set()))
     out = {}
     for domain, records in by_record.items():
         values = [a for accs in records.values() for a in accs]
@@ -369,6 +379,7 @@ def eval_scores(report: Path) -> dict[str, dict[str, float]]:
             "accuracy": statistics.fmean(values),
             "in_labels": statistics.fmean(answered[domain]),
             "varied": statistics.fmean(len(set(accs)) > 1 for accs in records.values()),
+            "foreign": statistics.fmean(foreign[domain]),
             "records": float(len(records)),
         }
     return out
@@ -569,6 +580,7 @@ def _condition_section(plan, condition, domains, scores, done, rows_csv, out, ov
             ("test_t1", "accuracy"),
             ("test_t1", "varied"),
             ("test_t1", "in_labels"),
+            ("test", "foreign"),
         ):
             for k, v in summary(sc[name], domains, key).items():
                 values[f"{'greedy' if name == 'test' else 't1'}_{key}/{k}"] = v
@@ -638,6 +650,8 @@ def _condition_section(plan, condition, domains, scores, done, rows_csv, out, ov
         "(the groups GRPO/DRPO learn from; the sft row is the warm start)",
     )
     lines += table("t1_in_labels", "Share of T = 1 answers that are one of the domain's labels")
+    lines += table("greedy_foreign", "Cross-domain label leakage: share of greedy answers that are another "
+                   "domain's label (e.g. ct's \"non-contrast\" for a pathology tile)")
     curves = {(m, s): trace_curves(plan.run_dir(condition, m, s), _labels(domains)) for m in plan.methods
               for s in plan.seeds if (m, s) in per}  # fmt: skip
     if curves:
