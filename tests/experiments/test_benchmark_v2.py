@@ -130,12 +130,14 @@ def test_statistics_by_hand(tmp_path: Path) -> None:
     assert "*" not in v2.fmt_interval([-0.1, 0.2, 0.3])
     report = tmp_path / "r"
     report.mkdir()
-    rows = [("a", 1.0, ["x"]), ("a", 0.0, ["y"]), ("b", 1.0, ["x"]), ("b", 1.0, ["x"])]
+    rows = [("a", 1.0, ["x"], "\\boxed{non-contrast}"), ("a", 0.0, ["y"], "\\boxed{chest}"),
+            ("b", 1.0, ["x"], "\\boxed{chest, non-contrast}"), ("b", 1.0, ["x"], "")]  # fmt: skip
     report.joinpath("traces.jsonl").write_text("".join(
-        json.dumps({"domain": "ct", "prompt_id": p, "rewards": {"accuracy": a}, "predicted": pred}) + "\n"
-        for p, a, pred in rows))  # fmt: skip
+        json.dumps({"domain": "ct", "prompt_id": p, "rewards": {"accuracy": a}, "predicted": pred, "response": r})
+        + "\n" for p, a, pred, r in rows))  # fmt: skip
     scores = v2.eval_scores(report)["ct"]
-    assert scores == {"accuracy": 0.75, "in_labels": 1.0, "varied": 0.5, "records": 2.0}
+    # "chest" alone is chest X-ray's label: leaked; with ct's own "non-contrast" beside it, not counted
+    assert scores == {"accuracy": 0.75, "in_labels": 1.0, "varied": 0.5, "foreign": 0.25, "records": 2.0}
     domains = v2.Domains(
         ("ct", "mri", "mammography"), {"ct": 50, "mri": 1, "mammography": 5}, ("mri",), ("mammography",)
     )
