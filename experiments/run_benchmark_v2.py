@@ -54,6 +54,33 @@ CONDITIONS: dict[str, tuple[str, ...]] = {
     "easy_head": (),
     "noisy_head": ("--data", "configs/data/benchmark_v2_noisy_head.yaml"),
 }
+#: A condition may name an RL regime after "@" (``easy_head@group8``): ``configs/regime/<name>.yaml`` is
+#: layered on top; the warm starts, the benchmark build and the SFT row are the data condition's.
+REGIMES = ROOT / "configs" / "regime"
+
+
+def data_condition(condition: str) -> str:
+    """``easy_head@group8`` -> ``easy_head`` (the part that decides the data and the held-out split)."""
+    return condition.split("@", 1)[0]
+
+
+def condition_args(condition: str) -> tuple[str, ...]:
+    """The ``qoq`` arguments of a condition: its data overlay, then its regime overlay if it names one."""
+    data, _, regime = condition.partition("@")
+    return (*CONDITIONS.get(data, ()), *(("--config", f"configs/regime/{regime}.yaml") if regime else ()))
+
+
+def check_condition(condition: str) -> str:
+    """argparse type: a known data condition, optionally with a known regime."""
+    data, _, regime = condition.partition("@")
+    if data not in CONDITIONS:
+        raise argparse.ArgumentTypeError(f"unknown condition {data!r} (known: {', '.join(CONDITIONS)})")
+    if regime and not (REGIMES / f"{regime}.yaml").is_file():
+        known = ", ".join(sorted(p.stem for p in REGIMES.glob("*.yaml")))
+        raise argparse.ArgumentTypeError(f"unknown regime {regime!r} (configs/regime/: {known})")
+    return condition
+
+
 #: Samples per held-out record in the temperature-1 evaluation.
 T1_SAMPLES = 4
 #: The evaluations of every run: folder name -> extra ``qoq test`` arguments (seed filled in per run).
@@ -99,6 +126,7 @@ class Plan:
 
     def benchmark_dir(self, condition: str) -> Path:
         """The benchmark build of a condition (the noisy head has its own training labels)."""
+        condition = data_condition(condition)
         return self.root / ("benchmark" if condition == "easy_head" else f"benchmark-{condition}")
 
     def run_dir(self, condition: str, method: str, seed: int) -> Path:
@@ -112,7 +140,7 @@ class Plan:
 
     def _configs(self, condition: str, method: str) -> list[str]:
         algorithm = [] if method == SFT else ["--config", f"configs/algorithm/{method}.yaml"]
-        return ["--config", "configs/benchmark_v2.yaml", *CONDITIONS.get(condition, ()), *algorithm]
+        return ["--config", "configs/benchmark_v2.yaml", *condition_args(condition), *algorithm]
 
     def fit_argv(self, condition: str, method: str, seed: int) -> list[str]:
         """``qoq fit`` arguments of one run (only ``--seed_everything`` sets its seeds)."""
@@ -216,6 +244,7 @@ def sft_rows(plan: Plan, condition: str, seed: int, say=print) -> Run:
     """The warm start as a row of ``condition``: evaluated on that condition's held-out split."""
     row = Run(condition, SFT, seed, reports={})
     run_dir = plan.run_dir(condition, SFT, seed)
+    condition = data_condition(condition)  # a regime changes the RL stage only: the warm start's rows are shared
     sub = "" if condition == "easy_head" else f"-{condition}"
     try:
         for name in EVALS:
@@ -283,7 +312,7 @@ def build(plan: Plan, condition: str) -> Path:
 
     from qoq.data.benchmark import build_benchmark
 
-    args = CONDITIONS.get(condition, ())
+    args = CONDITIONS.get(data_condition(condition), ())
     data = args[args.index("--data") + 1] if "--data" in args else "configs/data/benchmark_v2.yaml"
     cfg = yaml.safe_load((ROOT / data).read_text())["init_args"]
     keys = ("counts", "eval_per_domain", "image_size", "sft_per_domain", "held_out_sources", "label_noise")
@@ -299,7 +328,7 @@ def finished(plan: Plan) -> list[Run]:
     """Every run whose evaluations have finished, without running anything."""
     out = []
     for c in plan.conditions:
-        sub = "" if c == "easy_head" else f"-{c}"
+        sub = "" if data_condition(c) == "easy_head" else f"-{data_condition(c)}"
         for m in (SFT, *plan.methods):
             for s in plan.seeds:
                 run_dir = plan.run_dir(c, m, s)
@@ -324,15 +353,25 @@ def eval_scores(report: Path) -> dict[str, dict[str, float]]:
     Returns:
         domain -> {"accuracy": share of responses whose answer is exactly right, "in_labels": share whose
         answer is one of the domain's labels, "varied": share of records whose samples differ in accuracy
-        (1 sample per record: 0), "records": records}.
+        (1 sample per record: 0), "foreign": share whose answer is a label of another benchmark domain and
+        not of its own (cross-domain label leakage), "records": records}.
     """
+    from qoq.data.benchmark import TASKS
+    from qoq.rl.rewards import extract_answer
+
+    own = {t.domain: set(t.labels) for t in TASKS}
+    every = tuple(dict.fromkeys(x for t in TASKS for x in t.labels))
     by_record: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     answered: dict[str, list[bool]] = defaultdict(list)
+    foreign: dict[str, list[bool]] = defaultdict(list)
     with (report / "traces.jsonl").open() as f:
         for line in f:
             row = json.loads(line)
-            by_record[row["domain"]][row["prompt_id"]].append(float(row["rewards"]["accuracy"]))
-            answered[row["domain"]].append(bool(row["predicted"]))
+            domain = row["domain"]
+            by_record[domain][row["prompt_id"]].append(float(row["rewards"]["accuracy"]))
+            answered[domain].append(bool(row["predicted"]))
+            said = extract_answer(row.get("response", ""), every)
+            foreign[domain].append(bool(said) and not said & own.get(domain, set()))
     out = {}
     for domain, records in by_record.items():
         values = [a for accs in records.values() for a in accs]
@@ -340,6 +379,7 @@ def eval_scores(report: Path) -> dict[str, dict[str, float]]:
             "accuracy": statistics.fmean(values),
             "in_labels": statistics.fmean(answered[domain]),
             "varied": statistics.fmean(len(set(accs)) > 1 for accs in records.values()),
+            "foreign": statistics.fmean(foreign[domain]),
             "records": float(len(records)),
         }
     return out
@@ -493,12 +533,13 @@ def write_report(
              f"({os.cpu_count()} cores). The tabulated runs span {_span(plan, runs) / 60:.1f} min from the first "
              "fit's start to the last evaluation's end (from their marker files); per-run times and the load at the "
              "end of each fit are in the Runs table."), ""]  # fmt: skip
-    rows_csv = []
+    rows_csv, sections, overview = [], [], []
     for condition in plan.conditions:
         if not plan.benchmark_dir(condition).joinpath("build.json").is_file():
             continue
         domains = Domains.of(plan.benchmark_dir(condition))
-        lines += _condition_section(plan, condition, domains, scores, done, rows_csv, out)
+        sections += _condition_section(plan, condition, domains, scores, done, rows_csv, out, overview)
+    lines += _overview_table(overview) + sections
     lines += ["## Runs", "", "| condition | method | seed | fit (s) | evaluations (s) | load at fit end | status |",
               "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in runs:
@@ -518,7 +559,16 @@ def write_report(
     return path
 
 
-def _condition_section(plan, condition, domains, scores, done, rows_csv, out) -> list[str]:
+def _overview_table(rows: Sequence[str]) -> list[str]:
+    return ["## Overview", "",
+            ("Greedy held-out accuracy (primary): macro over the real-derived domains, mean ± std over seeds, and "
+             "the paired differences (per seed, same warm start) to the warm start and to GRPO of the same "
+             "condition, mean [95 % t interval]; * = the interval excludes 0. Details per condition below."), "",
+            "| condition | method | macro | rare | worst | minus SFT, macro | minus GRPO, macro | minus GRPO, rare |",
+            "|---|---|---|---|---|---|---|---|", *rows, ""]  # fmt: skip
+
+
+def _condition_section(plan, condition, domains, scores, done, rows_csv, out, overview) -> list[str]:
     methods = [SFT, *plan.methods]
     per: dict[tuple[str, str, int], dict[str, float]] = {}
     for (c, m, s), sc in scores.items():
@@ -530,11 +580,24 @@ def _condition_section(plan, condition, domains, scores, done, rows_csv, out) ->
             ("test_t1", "accuracy"),
             ("test_t1", "varied"),
             ("test_t1", "in_labels"),
+            ("test", "foreign"),
         ):
             for k, v in summary(sc[name], domains, key).items():
                 values[f"{'greedy' if name == 'test' else 't1'}_{key}/{k}"] = v
         per[m, s] = values
         rows_csv.append({"condition": c, "method": m, "seed": s, **values})
+    for m in methods:
+        seeds = [s for s in plan.seeds if (m, s) in per]
+        if not seeds:
+            continue
+
+        def diff(base: str, col: str, m=m) -> str:
+            return fmt_interval([per[m, s][f"greedy_accuracy/{col}"] - per[base, s][f"greedy_accuracy/{col}"]
+                                 for s in plan.seeds if (m, s) in per and (base, s) in per]) if m != base else ""  # fmt: skip
+
+        cells = [fmt_mean([per[m, s][f"greedy_accuracy/{c}"] for s in seeds]) for c in ("macro", "rare", "worst")]
+        overview.append(f"| {condition} | {m} | " + " | ".join(cells) + f" | {diff(SFT, 'macro')} | "
+                        f"{diff('grpo', 'macro')} | {diff('grpo', 'rare')} |")  # fmt: skip
     cols = [*domains.names, "macro", "rare", "worst"]
     share = {d: domains.train[d] / sum(domains.train.values()) for d in domains.names}
     head = [f"{d} ({share[d]:.1%}{', synthetic' if d in domains.synthetic else ''})" for d in domains.names]
@@ -587,6 +650,8 @@ def _condition_section(plan, condition, domains, scores, done, rows_csv, out) ->
         "(the groups GRPO/DRPO learn from; the sft row is the warm start)",
     )
     lines += table("t1_in_labels", "Share of T = 1 answers that are one of the domain's labels")
+    lines += table("greedy_foreign", "Cross-domain label leakage: share of greedy answers that are another "
+                   "domain's label (e.g. ct's \"non-contrast\" for a pathology tile)")
     curves = {(m, s): trace_curves(plan.run_dir(condition, m, s), _labels(domains)) for m in plan.methods
               for s in plan.seeds if (m, s) in per}  # fmt: skip
     if curves:
@@ -745,7 +810,8 @@ def _plot_diagnostics(path: Path, plan: Plan, domains: Domains, curves, scales) 
                 xs = sorted({t for r in runs for t in r})
                 ax.plot(xs, _mean_curve(runs, xs, 1), style, color="C1", label=f"drpo {key}")
         ax.set_title(f"{d}: DRPO temperatures (per logged step)", fontsize=9)
-        ax.legend(fontsize=6)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
         ax.grid(alpha=0.3)
         for k, m in enumerate(methods):
             ax = fig.add_subplot(n_rows, len(rare), (2 + k) * len(rare) + i + 1)
@@ -760,7 +826,8 @@ def _plot_diagnostics(path: Path, plan: Plan, domains: Domains, curves, scales) 
                     ax.plot(steps, _mean_curve(present, steps, window), label=label, lw=1.0)
             ax.set_title(f"{d}: share of sampled answers per label, {m}", fontsize=9)
             ax.set_ylim(-0.02, 1.02)
-            ax.legend(fontsize=5)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=5)
             ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -823,7 +890,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--conditions", nargs="+", default=["easy_head"], choices=list(CONDITIONS))
+    p.add_argument("--conditions", nargs="+", default=["easy_head"], type=check_condition,
+                   help=f"data conditions ({', '.join(CONDITIONS)}), each optionally with an RL regime from "
+                   "configs/regime/ after '@' (easy_head@group8)")
     p.add_argument(
         "--steps", type=int, default=None, help="RL optimizer steps (default: configs/benchmark_v2.yaml)"
     )

@@ -167,6 +167,8 @@ def drpo(
     *,
     domain_only: bool = False,
     damping_quantile: float = 0.75,
+    damping_over: Literal["all", "positive"] = "all",
+    cap: float | None = None,
     eps: float = 1e-6,
     push: bool = True,
     step: int | None = None,
@@ -183,6 +185,11 @@ def drpo(
        are, which also covers t = z_i = 0).
     5. A_i = s~_i / (std(s~) + eps) over the whole batch (unbiased std); every A_i must be finite.
 
+    Two switches leave the paper's rule (their defaults) for named variants: ``damping_over="positive"``
+    takes t over the responses with z_i > 0 only (the paper's t is 0 whenever 25 % or fewer responses have
+    z_i > 0, which zeroes every positive advantage of the batch), and ``cap`` clips every A_i to
+    [-cap, cap] after step 5.
+
     Without damping each group keeps mean zero; the batch has unit std (up to eps). Questions whose
     rewards are all equal still enter the history (they shape the clusters) but get zero advantage.
 
@@ -194,6 +201,8 @@ def drpo(
         kl: ``[N]`` per-response KL(pi || pi_ref) for damping, or None for no damping.
         domain_only: drop the cluster factor (the DomainOnly ablation).
         damping_quantile: the quantile t of the damping rule.
+        damping_over: the responses t is taken over: ``"all"`` (the paper) or ``"positive"`` (z_i > 0).
+        cap: clip the final advantages to [-cap, cap]; None (the paper): no clipping.
         eps: floor of the temperatures and the batch std's epsilon; also GRPO's epsilon.
         push: push this batch into ``stats`` first (False: use the history as it is; every domain of the
             batch must then already have one).
@@ -212,8 +221,9 @@ def drpo(
         raise ValueError("DRPO: rewards contain NaN or inf (nothing was pushed into the history)")
     with single_threaded():  # small tensors: intra-op threads only add hand-off cost
         return _drpo(
-            rewards, group_ids, domain_ids, stats, kl, domain_only, damping_quantile, eps, push, step
-        )
+            rewards, group_ids, domain_ids, stats, kl, domain_only, damping_quantile, damping_over, cap, eps,
+            push, step,
+        )  # fmt: skip
 
 
 def _drpo(
@@ -224,6 +234,8 @@ def _drpo(
     kl: Tensor | None,
     domain_only: bool,
     damping_quantile: float,
+    damping_over: str,
+    cap: float | None,
     eps: float,
     push: bool,
     step: int | None,
@@ -253,10 +265,15 @@ def _drpo(
     s_tilde = s / scale
     if kl is not None:
         z = (s_tilde * kl.detach().double()).clamp(min=0)  # [N]
-        t = torch.quantile(z, damping_quantile)
+        positive = z[z > 0]
+        over = positive if damping_over == "positive" and len(positive) else z
+        t = torch.quantile(over, damping_quantile)
         s_tilde = s_tilde * torch.where(z > 0, t / (t + z), torch.ones_like(z))
         metrics["damping_t"] = t.float()
     adv = s_tilde / (batch_std(s_tilde) + eps)  # [N]
+    if cap is not None:
+        metrics["capped_frac"] = (adv.abs() > cap).float().mean().float()
+        adv = adv.clamp(-cap, cap)
     if not bool(torch.isfinite(adv).all()):
         raise FloatingPointError(
             "DRPO produced non-finite advantages from finite rewards "
@@ -345,6 +362,9 @@ class DRPO:
         domain_only: drop the cluster factor (T_c = 1).
         kl_damping: damp advantages by the per-response KL to the reference (then ``kl`` is required).
         damping_quantile: quantile of the damping rule.
+        damping_over: ``"all"`` (the paper) or ``"positive"``: the responses the damping quantile is taken
+            over (the ``drpo_damp_positive`` variant).
+        cap: clip advantages to [-cap, cap] (the ``drpo_cap2`` variant); None (the paper) does not.
         eps: temperature floor and epsilon of the standardisations.
         seed: K-means random state.
         kmeans_backend: ``"torch"`` (default) or ``"sklearn"`` K-means (see
@@ -359,6 +379,8 @@ class DRPO:
         domain_only: bool = False,
         kl_damping: bool = True,
         damping_quantile: float = 0.75,
+        damping_over: Literal["all", "positive"] = "all",
+        cap: float | None = None,
         eps: float = 1e-6,
         seed: int = 0,
         kmeans_backend: Literal["torch", "sklearn"] = "torch",
@@ -366,6 +388,11 @@ class DRPO:
         self.stats = DomainStats(window=window, k_max=k_max, tau=tau, seed=seed, backend=kmeans_backend)
         self.domain_only, self.kl_damping = domain_only, kl_damping
         self.damping_quantile, self.eps = damping_quantile, eps
+        if damping_over not in ("all", "positive"):
+            raise ValueError(f"DRPO: damping_over must be 'all' or 'positive', got {damping_over!r}")
+        if cap is not None and not cap > 0:
+            raise ValueError(f"DRPO: cap must be positive or null, got {cap}")
+        self.damping_over, self.cap = damping_over, cap
 
     @property
     def needs_kl(self) -> bool:
@@ -383,6 +410,8 @@ class DRPO:
             inputs.kl if self.kl_damping else None,
             domain_only=self.domain_only,
             damping_quantile=self.damping_quantile,
+            damping_over=self.damping_over,
+            cap=self.cap,
             eps=self.eps,
         )
         return AdvantageOutput(adv, metrics)

@@ -130,12 +130,14 @@ def test_statistics_by_hand(tmp_path: Path) -> None:
     assert "*" not in v2.fmt_interval([-0.1, 0.2, 0.3])
     report = tmp_path / "r"
     report.mkdir()
-    rows = [("a", 1.0, ["x"]), ("a", 0.0, ["y"]), ("b", 1.0, ["x"]), ("b", 1.0, ["x"])]
+    rows = [("a", 1.0, ["x"], "\\boxed{non-contrast}"), ("a", 0.0, ["y"], "\\boxed{chest}"),
+            ("b", 1.0, ["x"], "\\boxed{chest, non-contrast}"), ("b", 1.0, ["x"], "")]  # fmt: skip
     report.joinpath("traces.jsonl").write_text("".join(
-        json.dumps({"domain": "ct", "prompt_id": p, "rewards": {"accuracy": a}, "predicted": pred}) + "\n"
-        for p, a, pred in rows))  # fmt: skip
+        json.dumps({"domain": "ct", "prompt_id": p, "rewards": {"accuracy": a}, "predicted": pred, "response": r})
+        + "\n" for p, a, pred, r in rows))  # fmt: skip
     scores = v2.eval_scores(report)["ct"]
-    assert scores == {"accuracy": 0.75, "in_labels": 1.0, "varied": 0.5, "records": 2.0}
+    # "chest" alone is chest X-ray's label: leaked; with ct's own "non-contrast" beside it, not counted
+    assert scores == {"accuracy": 0.75, "in_labels": 1.0, "varied": 0.5, "foreign": 0.25, "records": 2.0}
     domains = v2.Domains(
         ("ct", "mri", "mammography"), {"ct": 50, "mri": 1, "mammography": 5}, ("mri",), ("mammography",)
     )
@@ -147,3 +149,41 @@ def test_statistics_by_hand(tmp_path: Path) -> None:
         and s["rare"] == pytest.approx(0.2)
         and s["worst"] == pytest.approx(0.2)
     )
+
+
+def test_regimes_layer_on_the_condition_and_share_its_warm_start(tmp_path: Path) -> None:
+    plan = v2.Plan(methods=("drpo",), seeds=(0,), conditions=("easy_head@group8",), root=tmp_path)
+    fit = plan.fit_argv("easy_head@group8", "drpo", 0)
+    assert fit.index("configs/algorithm/drpo.yaml") > fit.index("configs/benchmark_v2.yaml")
+    assert "configs/regime/group8.yaml" in fit
+    assert plan.benchmark_dir("easy_head@group8") == plan.benchmark_dir("easy_head")
+    assert plan.run_dir("easy_head@group8", "drpo", 0) == tmp_path / "easy_head@group8" / "drpo" / "seed0"
+    assert "configs/regime/group8.yaml" not in plan.test_argv("easy_head", "drpo", 0, "test")
+    with pytest.raises(SystemExit):
+        v2.parse_args(["--conditions", "easy_head@magic"])
+    with pytest.raises(v2.argparse.ArgumentTypeError, match="unknown condition"):
+        v2.check_condition("hard_head")
+    with pytest.raises(v2.argparse.ArgumentTypeError, match="unknown regime 'magic'"):
+        v2.check_condition("easy_head@magic")
+
+
+def test_smoke_end_to_end_with_a_regime_and_resume(
+    v2_build: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Warm start, one DRPO run in a regime (2 steps each), greedy and T = 1 evaluations, the report; a rerun
+    resumes without fitting again. The benchmark is the small build above (the real one takes a minute)."""
+    root = tmp_path / "runs"
+    monkeypatch.setattr(v2, "build", lambda plan, condition: None)
+    (root / "benchmark").parent.mkdir(parents=True)
+    (root / "benchmark").symlink_to(v2_build)
+    argv = ["--smoke", "--methods", "drpo", "--seeds", "0", "--jobs", "1", "--conditions", "easy_head@group8",
+            "--root", str(root), "--results", str(tmp_path / "results")]  # fmt: skip
+    assert v2.main(argv) == 0
+    report = (tmp_path / "results" / "results.md").read_text()
+    assert "## Overview" in report and "| easy_head@group8 | drpo |" in report and "| easy_head@group8 | sft |" in report
+    fit_log = root / "easy_head@group8" / "drpo" / "seed0" / "fit.log"
+    assert "configs/regime/group8.yaml" in fit_log.read_text().splitlines()[0]
+    assert (root / "easy_head@group8" / "drpo" / "seed0" / "test_t1.json").is_file()
+    stamp = fit_log.stat().st_mtime_ns
+    assert v2.main(argv) == 0  # everything already there: only the report is written again
+    assert fit_log.stat().st_mtime_ns == stamp

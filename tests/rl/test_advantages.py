@@ -172,6 +172,33 @@ def test_drpo_damping_zeroes_every_positive_advantage_when_few_are_positive():
     assert float(plain[0]) > 0 and float(plain.sum()) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_drpo_damping_over_positive_responses_keeps_the_positive_advantage():
+    """The ``drpo_damp_positive`` variant: t over the responses with z > 0 only. The batch above has one
+    (response 0), so t = z_0 and its damping factor is t / (t + z_0) = 1/2. GRPO scores of group 0 are
+    [1.5, -.5, -.5, -.5] (mean .25, unbiased std .5), the other groups 0; T_d cancels in the final
+    standardisation (up to eps)."""
+    rewards = torch.tensor([1.0, 0, 0, 0] + [0.0] * 4 + [1.0] * 4)
+    g, d = groups(3, 4), torch.zeros(12, dtype=torch.long)
+    adv, metrics = drpo(rewards, g, d, DomainStats(window="batch", k_max=1), kl=torch.full((12,), 0.01),
+                        domain_only=True, damping_over="positive")  # fmt: skip
+    assert float(metrics["damping_t"]) > 0
+    damped = torch.tensor([0.75, -0.5, -0.5, -0.5] + [0.0] * 8)
+    torch.testing.assert_close(adv, damped / damped.std(), atol=1e-5, rtol=1e-5)
+
+
+def test_drpo_cap_clips_the_final_advantages():
+    rewards, g, d = hand_batch()
+    plain, _ = drpo(rewards, g, d, DomainStats(window="batch", k_max=1))
+    capped, metrics = drpo(rewards, g, d, DomainStats(window="batch", k_max=1), cap=1.0)
+    assert float(plain.abs().max()) > 1.0
+    torch.testing.assert_close(capped, plain.clamp(-1.0, 1.0))
+    assert float(metrics["capped_frac"]) == pytest.approx(float((plain.abs() > 1.0).float().mean()))
+    with pytest.raises(ValueError, match="cap"):
+        DRPO(cap=0.0)
+    with pytest.raises(ValueError, match="damping_over"):
+        DRPO(damping_over="nonzero")
+
+
 def test_drpo_rejects_bad_batches():
     stats = DomainStats()
     with pytest.raises(ValueError, match="same number of rollouts"):
