@@ -204,27 +204,40 @@ def usage() -> str:
 
 
 def _resolve_checkpoint(ckpt_path: str, root: str) -> Path:
-    """``ckpt_path`` as a file, ``last`` being ``<root>/checkpoints/last.ckpt``; raises if there is none."""
+    """``ckpt_path`` as a checkpoint, ``last`` being ``<root>/checkpoints/last.ckpt``; raises if there is none.
+
+    A checkpoint is a file, or a folder of shards (FSDP with ``state_dict_type: sharded``) holding
+    ``meta.pt``.
+    """
     from pathlib import Path
 
     if ckpt_path == "last":
         path = Path(root) / "checkpoints" / "last.ckpt"
-        if not path.is_file():
+        if not _is_checkpoint(path):
             raise FileNotFoundError(
                 f"--ckpt_path last: no checkpoint to resume in {path.parent} (drop --ckpt_path to start a new run)"
             )
         return path
     path = Path(ckpt_path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
+    if not _is_checkpoint(path):
+        raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such checkpoint file (or folder of shards)")
     return path
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return path.is_file() or (path / SHARDED_METADATA).is_file()
+
+
+#: The file of a sharded checkpoint folder that holds everything but the weights (Lightning's FSDP layout).
+SHARDED_METADATA = "meta.pt"
 
 
 def _checkpoint_step(path: str) -> int:
     """The global step a checkpoint was written at (memory-mapped: the weights are not read)."""
     import torch
 
-    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    file = Path(path) / SHARDED_METADATA if Path(path).is_dir() else Path(path)
+    return int(torch.load(file, map_location="cpu", weights_only=True, mmap=True)["global_step"])
 
 
 def _differences(given: Any, saved: Any, prefix: str = "model") -> list[tuple[str, Any, Any]]:
