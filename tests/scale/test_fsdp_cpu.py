@@ -113,8 +113,9 @@ def _dumps(run_dir: Path) -> tuple[list[dict], list[dict]]:
     )
 
 
-@pytest.mark.slow
 def test_two_process_fsdp_drpo_fit_checkpoints_and_exact_resume(tmp_path):
+    """In the default suite on purpose (~30-60 s): multi-process FSDP and its sharded resume must not rot
+    (a sharded ``last.ckpt`` folder was once refused by ``--ckpt_path last``)."""
     callbacks = tmp_path / "callbacks.yaml"
     callbacks.write_text(_CALLBACKS)
     args = base_args(
