@@ -7,6 +7,8 @@ a text-only tiny policy.
 
 from __future__ import annotations
 
+import hashlib
+
 from collections.abc import Sequence
 from typing import Any
 
@@ -101,3 +103,27 @@ def tiny_text_policy(lm: dict[str, Any] | None = None, **options: Any) -> Policy
 
 
 __all__ = ["TINY_LM", "fit", "make_batch", "quiet_trainer", "tiny_text_policy"]
+
+
+def state_digest(state: Any) -> str:
+    """SHA-256 of a nested state (dicts, lists, tensors, scalars): tensor bytes, dtype and shape, independent
+    of storage and device; used to compare weights, optimizer and estimator states bit for bit."""
+    h = hashlib.sha256()
+
+    def feed(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            h.update(f"T{x.dtype}{tuple(x.shape)}".encode())
+            h.update(x.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, dict):
+            for k in sorted(x, key=str):
+                h.update(f"K{k!r}".encode())
+                feed(x[k])
+        elif isinstance(x, (list, tuple)):
+            h.update(f"L{len(x)}".encode())
+            for v in x:
+                feed(v)
+        else:
+            h.update(f"V{x!r}".encode())
+
+    feed(state)
+    return h.hexdigest()

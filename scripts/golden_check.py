@@ -37,6 +37,8 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from qoq.testing import state_digest
+
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "scripts" / "golden" / "demo_drpo.json"  # {variant: record}
 STEPS = 10
@@ -79,29 +81,6 @@ model:
 _TIMING = ("time/", "time_share/", "train/sync_ms")
 
 
-def digest(state: Any) -> str:
-    """SHA-256 of nested dicts / lists / tensors / scalars (tensor bytes, dtype and shape)."""
-    h = hashlib.sha256()
-
-    def feed(x: Any) -> None:
-        if isinstance(x, torch.Tensor):
-            h.update(f"T{x.dtype}{tuple(x.shape)}".encode())
-            h.update(x.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        elif isinstance(x, dict):
-            for k in sorted(x, key=str):
-                h.update(f"K{k!r}".encode())
-                feed(x[k])
-        elif isinstance(x, (list, tuple)):
-            h.update(f"L{len(x)}".encode())
-            for v in x:
-                feed(v)
-        else:
-            h.update(f"V{x!r}".encode())
-
-    feed(state)
-    return h.hexdigest()
-
-
 class GoldenRecorder(Callback):
     """Keeps each step's responses, rewards, advantages and metrics, and the final state's digests."""
 
@@ -131,9 +110,9 @@ class GoldenRecorder(Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         weights = {k: v for k, v in pl_module.policy.state_dict().items()}
         self.final = {
-            "weights": digest(weights),
-            "optimizer": digest(trainer.optimizers[0].state_dict()),
-            "estimator": digest(pl_module.advantage.state_dict()),
+            "weights": state_digest(weights),
+            "optimizer": state_digest(trainer.optimizers[0].state_dict()),
+            "estimator": state_digest(pl_module.advantage.state_dict()),
             "weight_sums": {k: float(v.double().sum()) for k, v in sorted(weights.items())},
         }
         record = {"steps": self.steps, "final": self.final, "torch": torch.__version__}

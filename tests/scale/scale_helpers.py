@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
 import json
 import os
 import signal
@@ -15,7 +14,7 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from qoq.testing import fit, make_batch
+from qoq.testing import fit, make_batch, state_digest
 from qoq.types import PromptBatch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -96,29 +95,6 @@ def nested_equal(a: Any, b: Any) -> bool:
     if isinstance(a, (list, tuple)):
         return len(a) == len(b) and all(nested_equal(x, y) for x, y in zip(a, b))
     return a == b
-
-
-def state_digest(state: Any) -> str:
-    """SHA-256 of a nested state (dicts, lists, tensors, scalars), independent of tensor storage."""
-    digest = hashlib.sha256()
-
-    def feed(x: Any) -> None:
-        if isinstance(x, torch.Tensor):
-            digest.update(f"T{x.dtype}{tuple(x.shape)}".encode())
-            digest.update(x.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        elif isinstance(x, dict):
-            for k in sorted(x, key=str):
-                digest.update(f"K{k!r}".encode())
-                feed(x[k])
-        elif isinstance(x, (list, tuple)):
-            digest.update(f"L{len(x)}".encode())
-            for v in x:
-                feed(v)
-        else:
-            digest.update(f"V{x!r}".encode())
-
-    feed(state)
-    return digest.hexdigest()
 
 
 class _RecordingEstimator:
