@@ -4,18 +4,25 @@
 
     python -m experiments.run_benchmark_v2 [--methods grpo drpo ...] [--seeds 0 1 2] [--conditions easy_head]
                                            [--steps N] [--sft-steps N] [--jobs 2] [--report-only]
+    python -m experiments.run_benchmark_v2 --conditions easy_head easy_head@lr1e-4 easy_head@group8 ...
+
+A condition is a data condition (``easy_head``, ``noisy_head``) optionally followed by ``@<regime>``, an RL
+overlay from ``configs/regime/`` (learning rate, group size, prompts per step, reward weights) layered after
+``configs/benchmark_v2.yaml``; regimes share the data condition's warm starts, benchmark build and SFT row.
 
 1. per seed, the generalist warm start ``qoq fit --config configs/benchmark_v2_sft.yaml --seed_everything k``
    (SFT on the domain-balanced pool; also the "sft" row), evaluated on the held-out split;
-2. per condition, method and seed, ``qoq fit --config configs/benchmark_v2.yaml [--config <condition
-   overlay>] --config configs/algorithm/<method>.yaml --seed_everything k`` from that seed's warm start:
+2. per condition, method and seed, ``qoq fit --config configs/benchmark_v2.yaml [--data <condition's data>]
+   [--config configs/regime/<regime>.yaml] --config configs/algorithm/<method>.yaml --seed_everything k``
+   from that seed's warm start:
    every method of a seed starts from the same weights and sees the same data stream and rollout seeds
    (all derived from ``k``, :mod:`qoq.seeds`);
 3. every run is evaluated twice on the 200 held-out records per domain: greedy (``test/``) and at
    temperature 1 with 4 samples per record (``test_t1/``);
 4. writes ``results.md`` (per-domain accuracy, macro, rare-domain mean, worst domain, paired differences to
    GRPO and to the warm start with 95 % t intervals, the precondition: the share of held-out records whose
-   4 samples differ in accuracy), ``runs.csv`` (every run, every number), learning curves per domain and
+   4 samples differ in accuracy; cross-domain label leakage), an overview table of every condition,
+   ``runs.csv`` (every run, every number), learning curves per domain and
    method, and the DRPO diagnostics (per domain and step: mean |advantage|, T_d, T_c, answer shares) into
    the results folder.
 
