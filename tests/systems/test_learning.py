@@ -27,7 +27,7 @@ from qoq.data import ClinicalDataModule
 from qoq.data.dataset import ClinicalDataset, collate
 from qoq.data.domains import DOMAINS
 from qoq.data.manifest import read_manifest
-from qoq.models import FusionProjector, Policy, PolicyOptions, TinyLM, VisionEncoder
+from qoq.models import FusionProjector, adamw, Policy, PolicyOptions, TinyLM, VisionEncoder
 from qoq.rl.advantages import DRPO, GRPO
 from qoq.rl.rewards import RewardFn, set_f1
 from qoq.rl.rollout import HFEngine
@@ -146,7 +146,7 @@ def learning_gain(
         policy=policy, advantage=advantage, reward=RewardFn(weights={"accuracy": 1.0}),
         rollout=HFEngine(), sampling=SamplingParams(n=4, max_new_tokens=MAX_TOKENS, temperature=1.0, seed=seed),
         eval_sampling=SamplingParams(n=1, max_new_tokens=MAX_TOKENS, temperature=0.0),
-        loss=LossConfig(kl_coef=0.0), lr=lr, engine_dir=str(root / "engine"),
+        loss=LossConfig(kl_coef=0.0), optimizer=adamw(lr=lr, weight_decay=0.01), engine_dir=str(root / "engine"),
     )  # fmt: skip
     before = _accuracy(system, task["eval"], root)
     _trainer(root / "rl", steps=rl_steps).fit(system, datamodule=_data(task["train"], seed))

@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from qoq.data import MultiDomainDataModule
+from qoq.models import adamw
 from qoq.models.policy import tiny_policy
 from qoq.rl.advantages import DRPO, GRPO, AdvantageInputs
 from qoq.rl.rewards import RewardFn
@@ -31,7 +32,7 @@ def _system(tmp_path, **kwargs) -> PolicyOptimization:
         rollout=HFEngine(),
         sampling=SamplingParams(n=2, max_new_tokens=8, temperature=1.0, seed=0),
         loss=LossConfig(kl_coef=0.01),
-        lr=1e-2,
+        optimizer=adamw(lr=1e-2, weight_decay=0.01),
         engine_dir=str(tmp_path / "engine"),
     )
     return PolicyOptimization(**{**defaults, **kwargs})
