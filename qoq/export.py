@@ -146,7 +146,8 @@ def _with_options(init: dict) -> dict:
     options = {**{name: init.pop(name) for name in names if name in init}, **(init.get("options") or {})}
     adamw = {name: options.pop(name) for name in ("lr", "weight_decay") if name in options}
     if adamw:
-        options.setdefault("optimizer", {"class_path": "torch.optim.AdamW", "init_args": {"weight_decay": 0.0, **adamw}})
+        adamw = {"class_path": "torch.optim.AdamW", "init_args": {"weight_decay": 0.0, **adamw}}
+        options.setdefault("optimizer", adamw)
     if options:
         init["options"] = options
     return init

@@ -1,5 +1,5 @@
-"""Small builders that tests, benchmarks and examples share: a quiet Trainer, a hand-made prompt batch,
-a text-only tiny policy.
+"""Small builders that tests, benchmarks and examples share: a quiet Trainer, a gradient-capturing callback,
+a hand-made prompt batch, a text-only tiny policy.
 
 ``tests/conftest.py`` hands them out as the fixtures ``quiet_trainer``, ``fit``, ``make_batch`` and
 ``tiny_text_policy``; scripts outside pytest (benchmarks, multi-process workers) import them from here.
@@ -54,6 +54,17 @@ def fit(module: L.LightningModule, batches: Sequence[Any], steps: int, **trainer
     return trainer
 
 
+class GradCapture(L.Callback):
+    """Keeps the policy's gradients at every optimizer step (summed over the micro-batches) in ``grads``."""
+
+    def __init__(self) -> None:
+        self.grads: list[dict[str, torch.Tensor]] = []
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: Any, optimizer: Any) -> None:
+        params = pl_module.policy.named_parameters()
+        self.grads.append({n: p.grad.clone() for n, p in params if p.grad is not None})
+
+
 def make_batch(
     texts: Sequence[str],
     answers: Sequence[Sequence[str]] | None = None,
@@ -100,4 +111,4 @@ def tiny_text_policy(lm: dict[str, Any] | None = None, **options: Any) -> Policy
     return Policy(TinyLM(**(lm if lm is not None else TINY_LM)), options=PolicyOptions(**options))
 
 
-__all__ = ["TINY_LM", "fit", "make_batch", "quiet_trainer", "tiny_text_policy"]
+__all__ = ["TINY_LM", "GradCapture", "fit", "make_batch", "quiet_trainer", "tiny_text_policy"]

@@ -13,12 +13,14 @@ import torch
 from torch import nn
 
 
-#: Builds an optimizer from parameter groups (``torch.optim.AdamW``, bitsandbytes' ``AdamW8bit``, ...); in a
-#: config ``{class_path: torch.optim.AdamW, init_args: {lr: 3.0e-4, betas: [0.9, 0.999], weight_decay: 0.0}}``.
+#: Builds an optimizer from parameter groups (``torch.optim.AdamW``, bitsandbytes' ``AdamW8bit``, ...); in a config
+#: ``{class_path: torch.optim.AdamW, init_args: {lr: 3.0e-4, betas: [0.9, 0.999], weight_decay: 0.0}}``.
 OptimizerCallable = Callable[[Iterable], torch.optim.Optimizer]
 
 
-def adamw(lr: float = 1e-5, betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0) -> OptimizerCallable:
+def adamw(
+    lr: float = 1e-5, betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0
+) -> OptimizerCallable:
     """``torch.optim.AdamW`` with these settings, as an optimizer callable (the default of both stages)."""
     return functools.partial(torch.optim.AdamW, lr=lr, betas=betas, weight_decay=weight_decay)
 

@@ -499,7 +499,7 @@ class Policy(L.LightningModule):
         self.check_tokenizer(checkpoint.get("tokenizer_fingerprint"), source)
 
     def configure_optimizers(self) -> Any:
-        """The ``optimizer`` over the trainable parameters (weight decay on matrices only), with ``lr_schedule``."""
+        """The ``optimizer`` over the trainable parameters (decay on matrices only), with ``lr_schedule``."""
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
             raise RuntimeError("Policy.configure_optimizers: no trainable parameters (check `freeze`)")

@@ -93,8 +93,8 @@ class PolicyOptimization(L.LightningModule):
         super().__init__()
         self.sampling = sampling or SamplingParams()
         self.optimizer = optimizer if optimizer is not None else adamw(weight_decay=0.01)
-        check_settings(self.sampling, self.optimizer, ppo_epochs, mini_batches, micro_batch_size, token_budget,
-                       old_logprobs, init_policy_from)  # fmt: skip
+        check_settings(self.sampling, self.optimizer, ppo_epochs, mini_batches, micro_batch_size,
+                       token_budget, old_logprobs, init_policy_from)  # fmt: skip
         self.automatic_optimization = False
         self.policy = policy
         self.advantage = advantage if advantage is not None else DRPO()

@@ -1,4 +1,5 @@
-"""Shared optimizer pieces: the optimizer callable over decay groups (both stages) and the warm-up + decay schedule."""
+"""Shared optimizer pieces: the optimizer callable over decay groups (both stages), the warm-up + decay
+schedule."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ def test_the_optimizer_decays_matrices_only() -> None:
     optimizer = build_optimizer(adamw(lr=0.5, weight_decay=0.1), layer.parameters())
     assert isinstance(optimizer, torch.optim.AdamW)
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
-    assert [len(g["params"]) for g in optimizer.param_groups] == [1, 3]  # the weight matrix; bias, norm weight and bias
+    assert [len(g["params"]) for g in optimizer.param_groups] == [1, 3]  # the matrix; bias, norm weight, bias
     assert {g["lr"] for g in optimizer.param_groups} == {0.5}
 
 
