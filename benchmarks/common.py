@@ -428,6 +428,7 @@ def fit_grpo(
     import torch
     from torch.utils.data import DataLoader, IterableDataset
 
+    from qoq.models import adamw
     from qoq.rl.advantages import GRPO
     from qoq.systems import PolicyOptimization
     from qoq.systems.policy_optimization import LossConfig
@@ -456,8 +457,7 @@ def fit_grpo(
             loss=LossConfig(kl_coef=0.0),
             ppo_epochs=1,
             mini_batches=1,
-            lr=lr,
-            weight_decay=0.0,
+            optimizer=adamw(lr=lr),
             grad_clip=1.0,
             trace_every=0,
             engine_dir=str(root / "engine"),

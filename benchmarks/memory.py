@@ -208,6 +208,7 @@ def measure(
     import torch
     from torch.utils.data import DataLoader
 
+    from qoq.models import adamw
     from qoq.rl.advantages import GRPO
     from qoq.rl.rollout import HFEngine
     from qoq.systems import PolicyOptimization
@@ -228,7 +229,7 @@ def measure(
             loss=LossConfig(kl_coef=0.0),
             token_budget=token_budget,
             old_logprobs="forward",
-            lr=1e-5,
+            optimizer=adamw(lr=1e-5, weight_decay=0.01),
             trace_every=0,
             engine_dir=str(Path(tmp) / "engine"),
         )

@@ -138,12 +138,18 @@ def _instantiate(config: dict) -> Any:
 
 
 def _with_options(init: dict) -> dict:
-    """A policy's init args with the settings of older configs (flat: ``lr``, ``lora``, ...) in ``options``."""
+    """A policy's init args with the settings of older configs in ``options``: flat (``lora``, ...) and the
+    SFT optimizer as ``lr`` / ``weight_decay`` (now ``optimizer``, AdamW)."""
     from qoq.models.policy import PolicyOptions
 
-    flat = {f.name: init.pop(f.name) for f in fields(PolicyOptions) if f.name in init}
-    if flat:
-        init["options"] = {**flat, **(init.get("options") or {})}
+    names = {f.name for f in fields(PolicyOptions)} | {"lr", "weight_decay"}
+    options = {**{name: init.pop(name) for name in names if name in init}, **(init.get("options") or {})}
+    adamw = {name: options.pop(name) for name in ("lr", "weight_decay") if name in options}
+    if adamw:
+        adamw = {"class_path": "torch.optim.AdamW", "init_args": {"weight_decay": 0.0, **adamw}}
+        options.setdefault("optimizer", adamw)
+    if options:
+        init["options"] = options
     return init
 
 

@@ -1,5 +1,5 @@
-"""Small builders that tests, benchmarks and examples share: a quiet Trainer, a hand-made prompt batch,
-a text-only tiny policy.
+"""Small builders that tests, benchmarks and examples share: a quiet Trainer, a gradient-capturing callback,
+a hand-made prompt batch, a text-only tiny policy.
 
 ``tests/conftest.py`` hands them out as the fixtures ``quiet_trainer``, ``fit``, ``make_batch`` and
 ``tiny_text_policy``; scripts outside pytest (benchmarks, multi-process workers) import them from here.
@@ -8,7 +8,6 @@ a text-only tiny policy.
 from __future__ import annotations
 
 import hashlib
-
 from collections.abc import Sequence
 from typing import Any
 
@@ -54,6 +53,17 @@ def fit(module: L.LightningModule, batches: Sequence[Any], steps: int, **trainer
     stream = [batches[i % len(batches)] for i in range(steps)]
     trainer.fit(module, DataLoader(stream, batch_size=None, collate_fn=lambda b: b))
     return trainer
+
+
+class GradCapture(L.Callback):
+    """Keeps the policy's gradients at every optimizer step (summed over the micro-batches) in ``grads``."""
+
+    def __init__(self) -> None:
+        self.grads: list[dict[str, torch.Tensor]] = []
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: Any, optimizer: Any) -> None:
+        params = pl_module.policy.named_parameters()
+        self.grads.append({n: p.grad.clone() for n, p in params if p.grad is not None})
 
 
 def make_batch(
@@ -102,7 +112,7 @@ def tiny_text_policy(lm: dict[str, Any] | None = None, **options: Any) -> Policy
     return Policy(TinyLM(**(lm if lm is not None else TINY_LM)), options=PolicyOptions(**options))
 
 
-__all__ = ["TINY_LM", "fit", "make_batch", "quiet_trainer", "tiny_text_policy"]
+__all__ = ["TINY_LM", "GradCapture", "fit", "make_batch", "quiet_trainer", "state_digest", "tiny_text_policy"]
 
 
 def state_digest(state: Any) -> str:

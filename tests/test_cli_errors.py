@@ -25,7 +25,8 @@ def _error(capsys, *args: str) -> str:
     [
         (["--model.init_args.sampling.n", "1"], "sampling.n=1: group-relative advantages"),
         (["--model.init_args.sampling.n", "0"], "SamplingParams.n must be >= 1, got 0"),
-        (["--model.init_args.lr", "-0.1"], "PolicyOptimization: lr=-0.1 must be > 0"),
+        (["--model.init_args.optimizer.init_args.lr", "-0.1"],
+         "PolicyOptimization: optimizer.init_args.lr=-0.1 must be > 0"),
         (["--model.init_args.init_policy_from", "missing.ckpt"], "init_policy_from: no checkpoint at missing.ckpt"),
         (["--ckpt_path", "missing.ckpt"], "--ckpt_path missing.ckpt: no such checkpoint file"),
     ],
@@ -52,4 +53,5 @@ def test_bad_manifest_is_one_line_naming_the_line(tmp_path, capsys):
 
 def test_debug_shows_the_traceback(tmp_path):
     with pytest.raises(ValueError, match="lr=-0.1"):
-        main(["fit", *SMOKE, "--trainer.default_root_dir", str(tmp_path), "--model.init_args.lr", "-0.1", "--debug"])
+        lr = "--model.init_args.optimizer.init_args.lr"
+        main(["fit", *SMOKE, "--trainer.default_root_dir", str(tmp_path), lr, "-0.1", "--debug"])

@@ -91,4 +91,5 @@ def test_a_policy_config_with_flat_options_still_loads() -> None:
     lm = {"class_path": "qoq.models.TinyLM", "init_args": {"hidden_size": 64, "num_heads": 2, "num_kv_heads": 1}}
     old = {"class_path": "qoq.models.Policy", "init_args": {"lm": lm, "lr": 0.5, "system_prompt": None}}
     policy = _instantiate(old)
-    assert policy.lr == 0.5 and policy.system_prompt is None and policy.options.share_prompts
+    assert policy.optimizer.keywords["lr"] == 0.5 and policy.optimizer.keywords["weight_decay"] == 0.0
+    assert policy.system_prompt is None and policy.options.share_prompts

@@ -13,7 +13,7 @@ from qoq.models.builders import (
     TinyLM,
 )
 from qoq.models.encoders import ECGEncoder, ModalityEncoder, VisionEncoder, VolumeEncoder, load_weights
-from qoq.models.optim import LRSchedule, decay_groups
+from qoq.models.optim import LRSchedule, OptimizerCallable, adamw, decay_groups
 from qoq.models.policy import DEFAULT_SYSTEM_PROMPT, Policy, PolicyOptions, tiny_policy
 from qoq.models.projector import FusionProjector
 from qoq.models.tokenizer import build_tokenizer
@@ -35,7 +35,9 @@ __all__ = [
     "VisionEncoder",
     "VolumeEncoder",
     "build_tokenizer",
+    "adamw",
     "decay_groups",
+    "OptimizerCallable",
     "load_weights",
     "tiny_policy",
 ]

@@ -1,9 +1,11 @@
-"""Optimizer pieces shared by every training stage: AdamW parameter groups and a warm-up + decay schedule."""
+"""Optimizer pieces shared by every training stage: the optimizer as a callable config, parameter groups
+(weight decay on matrices only) and a warm-up + decay schedule."""
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -11,28 +13,60 @@ import torch
 from torch import nn
 
 
-def decay_groups(params: Iterable[nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW parameter groups: weight decay on matrices only (biases, norms and other 1-D tensors exempt).
+#: Builds an optimizer from parameter groups (``torch.optim.AdamW``, bitsandbytes' ``AdamW8bit``, ...); in a config
+#: ``{class_path: torch.optim.AdamW, init_args: {lr: 3.0e-4, betas: [0.9, 0.999], weight_decay: 0.0}}``.
+OptimizerCallable = Callable[[Iterable], torch.optim.Optimizer]
+
+
+def adamw(
+    lr: float = 1e-5, betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0
+) -> OptimizerCallable:
+    """``torch.optim.AdamW`` with these settings, as an optimizer callable (the default of both stages)."""
+    return functools.partial(torch.optim.AdamW, lr=lr, betas=betas, weight_decay=weight_decay)
+
+
+def decay_groups(params: Iterable[nn.Parameter]) -> list[dict[str, Any]]:
+    """Parameter groups with weight decay on matrices only: biases, norms and other 1-D tensors get 0.
+
+    The matrices' group keeps the optimizer's own ``weight_decay``.
 
     Args:
         params: the trainable parameters.
-        weight_decay: decay of the matrices.
 
     Returns:
         The non-empty groups.
     """
     params = list(params)
     groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim >= 2]},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(
-    params: Iterable[nn.Parameter], name: str, lr: float, betas: tuple[float, float], weight_decay: float
-) -> torch.optim.Optimizer:
-    """AdamW (``name="adamw"``) or bitsandbytes' AdamW8bit (``"adamw8bit"``) over :func:`decay_groups`.
+def check_optimizer(optimizer: OptimizerCallable, option: str) -> list[str]:
+    """What is wrong with an optimizer callable's settings (``lr`` > 0, ``weight_decay`` >= 0), as far as its
+    init args are readable (a ``functools.partial``, as jsonargparse builds); the optimizer checks the rest.
+
+    Args:
+        optimizer: the optimizer callable.
+        option: its option name, for the messages (e.g. "optimizer").
+
+    Returns:
+        One message per bad setting; empty when none.
+    """
+    settings = getattr(optimizer, "keywords", None) or {}
+    lr, weight_decay = settings.get("lr", 1.0), settings.get("weight_decay", 0.0)
+    problems = []
+    if not (isinstance(lr, (int, float)) and lr > 0):
+        problems.append(f"{option}.init_args.lr={lr} must be > 0")
+    if isinstance(weight_decay, (int, float)) and weight_decay < 0:
+        problems.append(f"{option}.init_args.weight_decay={weight_decay} must be >= 0")
+    return problems
+
+
+def build_optimizer(optimizer: OptimizerCallable, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """The optimizer over :func:`decay_groups` of the trainable parameters.
 
     Raises:
         ValueError: no trainable parameter.
@@ -40,12 +74,7 @@ def build_optimizer(
     params = list(params)
     if not params:
         raise ValueError("the policy has no trainable parameters (check `freeze`)")
-    groups = decay_groups(params, weight_decay)
-    if name == "adamw8bit":
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(groups, lr=lr, betas=tuple(betas))
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
+    return optimizer(decay_groups(params))
 
 
 @dataclass(frozen=True)
@@ -86,4 +115,4 @@ class LRSchedule:
         return {"scheduler": lambda_, "interval": "step", "frequency": 1}
 
 
-__all__ = ["LRSchedule", "build_optimizer", "decay_groups"]
+__all__ = ["LRSchedule", "OptimizerCallable", "adamw", "build_optimizer", "check_optimizer", "decay_groups"]

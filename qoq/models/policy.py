@@ -35,7 +35,7 @@ from torch.nn.utils.rnn import pad_sequence
 from qoq.models import logprobs, prompts, weights
 from qoq.models.builders import LMBuilder, TinyLM
 from qoq.models.encoders import ECGEncoder, ModalityEncoder, VisionEncoder, VolumeEncoder
-from qoq.models.optim import LRSchedule, decay_groups
+from qoq.models.optim import LRSchedule, OptimizerCallable, adamw, build_optimizer, check_optimizer
 from qoq.models.projector import FusionProjector
 from qoq.types import PLACEHOLDERS, PromptBatch
 
@@ -58,10 +58,11 @@ class PolicyOptions:
             combine it with ``lora`` (QLoRA) or train only encoders/projector.
         freeze: submodules to freeze: "lm", "encoders", "encoders.<kind>", "projector".
         system_prompt: the system turn of every prompt (None: no system turn).
-        lr: AdamW learning rate (SFT stage; the peak when ``lr_schedule`` is set).
-        weight_decay: AdamW weight decay on matrices (biases, norms and embeddings' 1-D params excluded).
-        lr_schedule: warm-up and decay of ``lr`` over the SFT stage's optimizer steps (e.g.
-            ``{warmup_steps: 50, decay: cosine}``); None keeps ``lr`` constant.
+        optimizer: the SFT stage's optimizer, given the parameter groups (weight decay on matrices only;
+            biases, norms and other 1-D params exempt), e.g. ``{class_path: torch.optim.AdamW, init_args:
+            {lr: 3.0e-3, weight_decay: 0.0}}``; None: AdamW with lr 1e-5, betas (0.9, 0.999), no weight decay.
+        lr_schedule: warm-up and decay of the optimizer's learning rate over the SFT stage's optimizer steps
+            (e.g. ``{warmup_steps: 50, decay: cosine}``); None keeps it constant.
         max_prompt_tokens: longest allowed prompt in embeddings (text + modality tokens); longer prompts
             raise.
         share_prompts: compute response log-probs with each prompt run once and its KV cache shared by
@@ -73,8 +74,7 @@ class PolicyOptions:
     quantization: Literal["8bit", "4bit"] | None = None
     freeze: Sequence[str] = ()
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
-    lr: float = 1e-5
-    weight_decay: float = 0.0
+    optimizer: OptimizerCallable | None = None
     lr_schedule: LRSchedule | None = None
     max_prompt_tokens: int | None = None
     share_prompts: bool = True
@@ -84,6 +84,9 @@ class PolicyOptions:
             raise ValueError(f"Policy: quantization={self.quantization!r}; use None, '8bit' or '4bit'")
         object.__setattr__(self, "lora", dict(self.lora) if self.lora else None)
         object.__setattr__(self, "freeze", tuple(self.freeze))
+        problems = check_optimizer(self.optimizer, "optimizer") if self.optimizer is not None else []
+        if problems:
+            raise ValueError("Policy: " + "; ".join(problems))
 
 
 class _Option:
@@ -118,7 +121,7 @@ class Policy(L.LightningModule):
     """
 
     lora, quantization, freeze, system_prompt = _Option(), _Option(), _Option(), _Option()
-    lr, weight_decay, lr_schedule = _Option(), _Option(), _Option()
+    optimizer, lr_schedule = _Option(), _Option()
     max_prompt_tokens, share_prompts = _Option(), _Option()
 
     def __init__(
@@ -496,11 +499,11 @@ class Policy(L.LightningModule):
         self.check_tokenizer(checkpoint.get("tokenizer_fingerprint"), source)
 
     def configure_optimizers(self) -> Any:
-        """AdamW over the trainable parameters (weight decay on matrices only), with ``lr_schedule`` if set."""
+        """The ``optimizer`` over the trainable parameters (decay on matrices only), with ``lr_schedule``."""
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
             raise RuntimeError("Policy.configure_optimizers: no trainable parameters (check `freeze`)")
-        optimizer = torch.optim.AdamW(decay_groups(params, self.weight_decay), lr=self.lr)
+        optimizer = build_optimizer(self.optimizer or adamw(), params)
         if self.lr_schedule is None:
             return optimizer
         total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else None

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from qoq import strategies
-from qoq.models.optim import build_optimizer
+from qoq.models.optim import OptimizerCallable, adamw, build_optimizer
 from qoq.models.policy import Policy
 from qoq.rl import losses
 from qoq.rl.advantages import DRPO, AdvantageEstimator
@@ -55,10 +55,9 @@ class PolicyOptimization(L.LightningModule):
         old_logprobs: ``"reuse"``: the first mini-batch's gradient pass gives its old log-probs (and DRPO's
             damping uses the engine's when sampling has no top-k / top-p cut); ``"forward"``: a no-grad
             forward over every response (:mod:`qoq.systems.update`).
-        lr: learning rate (AdamW).
-        weight_decay: AdamW weight decay on matrices (1-D parameters exempt, as in the SFT stage).
-        betas: AdamW betas.
-        optimizer: "adamw" or "adamw8bit" (bitsandbytes).
+        optimizer: the optimizer, given the parameter groups (weight decay on matrices only, 1-D parameters
+            exempt, as in the SFT stage), e.g. ``{class_path: torch.optim.AdamW, init_args: {lr: 3.0e-4}}`` or
+            ``bitsandbytes.optim.AdamW8bit``; None: AdamW with lr 1e-5, betas (0.9, 0.999), weight decay 0.01.
         grad_clip: max gradient norm; 0 disables clipping.
         domain_key: DRPO's domain: "domain" (clinical, paper) or "dataset" ("domain/dataset", released code).
         trace_every: keep a rollout trace every this many steps (``RolloutTraceWriter``); 0 = never.
@@ -84,10 +83,7 @@ class PolicyOptimization(L.LightningModule):
         micro_batch_size: int | None = None,
         token_budget: int | None = None,
         old_logprobs: Literal["reuse", "forward"] = "reuse",
-        lr: float = 1e-5,
-        weight_decay: float = 0.01,
-        betas: tuple[float, float] = (0.9, 0.999),
-        optimizer: Literal["adamw", "adamw8bit"] = "adamw",
+        optimizer: OptimizerCallable | None = None,
         grad_clip: float = 1.0,
         domain_key: Literal["domain", "dataset"] = "domain",
         trace_every: int = 10,
@@ -96,8 +92,9 @@ class PolicyOptimization(L.LightningModule):
     ) -> None:
         super().__init__()
         self.sampling = sampling or SamplingParams()
-        check_settings(self.sampling, lr, weight_decay, ppo_epochs, mini_batches, micro_batch_size, token_budget,
-                       old_logprobs, init_policy_from)  # fmt: skip
+        self.optimizer = optimizer if optimizer is not None else adamw(weight_decay=0.01)
+        check_settings(self.sampling, self.optimizer, ppo_epochs, mini_batches, micro_batch_size,
+                       token_budget, old_logprobs, init_policy_from)  # fmt: skip
         self.automatic_optimization = False
         self.policy = policy
         self.advantage = advantage if advantage is not None else DRPO()
@@ -133,9 +130,7 @@ class PolicyOptimization(L.LightningModule):
         self._configured = True
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        hp = self.hparams
-        trainable = [p for p in self.policy.parameters() if p.requires_grad]
-        return build_optimizer(trainable, hp.optimizer, hp.lr, hp.betas, hp.weight_decay)
+        return build_optimizer(self.optimizer, [p for p in self.policy.parameters() if p.requires_grad])
 
     def configure_callbacks(self) -> list[L.Callback]:
         """The domain-statistics feedback to the data module and, unless there is one, a ``PredictionWriter``."""
@@ -240,11 +235,6 @@ class PolicyOptimization(L.LightningModule):
     def _grad_logprobs(self, batch: PromptBatch, rollout: RolloutBatch, micro: Tensor) -> tuple[Tensor, Tensor | None]:
         """:func:`qoq.systems.update.grad_logprobs` as a method (FSDP1 runs it as a forward of its root)."""
         return update.grad_logprobs(self.policy, batch, rollout, micro, self.update_settings)
-
-    def _micro_batches(self, rows: Tensor, rollout: RolloutBatch, prompt_lengths: list[int] | None) -> list[Tensor]:
-        u = self.update_settings  # qoq.systems.update.micro_batches with this system's settings
-        return update.micro_batches(rows, rollout.prompt_index, rollout.response_ids.shape[1], prompt_lengths,
-                                    u.micro_batch_size, u.token_budget)  # fmt: skip
 
     def _check(self, exp: Experience, values: Tensor, phase: str) -> None:
         check_finite(exp.batch, exp.rollout, values, None, phase, self.global_step)

@@ -9,14 +9,14 @@ from typing import Any
 
 import torch
 
+from qoq.models.optim import OptimizerCallable, check_optimizer
 from qoq.models.policy import Policy
 from qoq.types import SamplingParams
 
 
 def check_settings(
     sampling: SamplingParams,
-    lr: float,
-    weight_decay: float,
+    optimizer: OptimizerCallable,
     ppo_epochs: int,
     mini_batches: int,
     micro_batch_size: int | None,
@@ -36,8 +36,6 @@ def check_settings(
         for bad, message in (
             (n < 2, (f"sampling.n={n}: group-relative advantages (every estimator qoq ships) need >= 2 "
                      "responses per prompt; with one they are all zero and nothing trains")),
-            (not lr > 0, f"lr={lr} must be > 0"),
-            (weight_decay < 0, f"weight_decay={weight_decay} must be >= 0"),
             (ppo_epochs < 1, f"ppo_epochs={ppo_epochs} must be >= 1"),
             (mini_batches < 1, f"mini_batches={mini_batches} must be >= 1"),
             (micro_batch_size is not None and micro_batch_size < 1,
@@ -46,7 +44,7 @@ def check_settings(
             (old_logprobs not in ("reuse", "forward"), f"old_logprobs must be 'reuse' or 'forward', got {old_logprobs!r}"),
         )
         if bad
-    ]  # fmt: skip
+    ] + check_optimizer(optimizer, "optimizer")  # fmt: skip
     if problems:
         raise ValueError("PolicyOptimization: " + "; ".join(problems))
     if init_policy_from and not Path(init_policy_from).expanduser().is_file():
@@ -65,7 +63,7 @@ def save_config(module: Any, frame: FrameType | None, dataclasses: dict[str, Any
         frame: that ``__init__``'s frame (``inspect.currentframe()``).
         dataclasses: the settings dataclasses by argument name.
     """
-    objects = ["policy", "advantage", "reward", "rollout", *dataclasses]
+    objects = ["policy", "advantage", "reward", "rollout", "optimizer", *dataclasses]
     module.save_hyperparameters(ignore=objects, frame=frame)
     if "_class_path" in module.hparams:
         module.save_hyperparameters(frame=frame)

@@ -1,4 +1,5 @@
-"""Shared optimizer pieces: decay groups (both stages) and the warm-up + decay schedule."""
+"""Shared optimizer pieces: the optimizer callable over decay groups (both stages), the warm-up + decay
+schedule."""
 
 from __future__ import annotations
 
@@ -6,14 +7,29 @@ import pytest
 import torch
 from torch import nn
 
-from qoq.models.optim import LRSchedule, decay_groups
+from qoq.models import PolicyOptions
+from qoq.models.optim import LRSchedule, adamw, build_optimizer, check_optimizer
 
 
-def test_decay_groups_exempt_one_dimensional_parameters() -> None:
+def test_the_optimizer_decays_matrices_only() -> None:
     layer = nn.Sequential(nn.Linear(3, 2), nn.LayerNorm(2))
-    groups = decay_groups(layer.parameters(), 0.1)
-    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
-    assert [len(g["params"]) for g in groups] == [1, 3]  # the weight matrix; bias, norm weight and bias
+    optimizer = build_optimizer(adamw(lr=0.5, weight_decay=0.1), layer.parameters())
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
+    assert [len(g["params"]) for g in optimizer.param_groups] == [1, 3]  # the matrix; bias, norm weight, bias
+    assert {g["lr"] for g in optimizer.param_groups} == {0.5}
+
+
+def test_optimizer_settings_are_checked_from_its_init_args() -> None:
+    assert check_optimizer(adamw(lr=1e-4), "optimizer") == []
+    assert check_optimizer(adamw(lr=0.0, weight_decay=-1.0), "optimizer") == [
+        "optimizer.init_args.lr=0.0 must be > 0",
+        "optimizer.init_args.weight_decay=-1.0 must be >= 0",
+    ]
+    with pytest.raises(ValueError, match=r"Policy: optimizer.init_args.lr=-1 must be > 0"):
+        PolicyOptions(optimizer=adamw(lr=-1))
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        build_optimizer(adamw(), [])
 
 
 def test_schedule_warms_up_then_decays() -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from qoq.models import DEFAULT_SYSTEM_PROMPT, FusionProjector, Policy, TinyLM, logprobs
+from qoq.models import DEFAULT_SYSTEM_PROMPT, adamw, FusionProjector, Policy, TinyLM, logprobs
 from qoq.models.encoders import ECGEncoder
 from qoq.testing import TINY_LM, tiny_text_policy
 
@@ -189,7 +189,7 @@ def test_response_logprobs_equal_hf_generate_scores(policy, make_batch):
 
 
 def test_sft_reduces_loss_and_freeze_holds(make_batch, fit):
-    pol = Policy.tiny(freeze=["encoders"], lr=3e-3)
+    pol = Policy.tiny(freeze=["encoders"], optimizer=adamw(lr=3e-3))
     refs = ["<think>clear</think>\n```json\n[]\n```\n\\boxed{normal}", "\\boxed{abnormal}"]
     batch = make_batch(TEXTS, [["normal"], ["abnormal"]], _items(), references=refs)
     pol.build()

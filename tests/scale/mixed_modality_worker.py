@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from qoq.data import MultiDomainDataModule
 from qoq.data.dataset import collate
 from qoq.data.domains import DOMAINS
+from qoq.models import adamw
 from qoq.models.policy import tiny_policy
 from qoq.models.qwen_vl import tiny_qwen_vl_policy
 from qoq.rl.advantages import GRPO
@@ -62,7 +63,7 @@ def main(out: Path, qwen_vl: bool) -> None:
         rollout=HFEngine(),
         sampling=SamplingParams(n=2, max_new_tokens=4, temperature=1.0, seed=0),
         loss=LossConfig(),
-        lr=1e-3,
+        optimizer=adamw(lr=1e-3, weight_decay=0.01),
         trace_every=0,
         engine_dir=str(out / "engine"),
     )

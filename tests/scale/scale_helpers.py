@@ -28,7 +28,7 @@ model:
       class_path: qoq.rl.rewards.RewardFn
       init_args:
         weights: {accuracy: 0.5, format: 0.1, length: 0.4}
-    lr: 3.0e-3
+    optimizer: {class_path: torch.optim.AdamW, init_args: {lr: 3.0e-3, weight_decay: 0.01}}
 """
 
 

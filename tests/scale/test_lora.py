@@ -3,6 +3,8 @@ engines get merged (and, for QLoRA, dequantized) weights, and the 8-bit AdamW op
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from scale_helpers import fit_system, text_batch, vllm_greedy_after_sync
@@ -25,6 +27,13 @@ BATCHES = [
 
 
 def _system(quantization: str | None, optimizer: str = "adamw") -> PolicyOptimization:
+    settings = {"lr": 0.05, "betas": (0.9, 0.999), "weight_decay": 0.01}
+    if optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        make_optimizer = functools.partial(bnb.optim.AdamW8bit, **settings)
+    else:
+        make_optimizer = functools.partial(torch.optim.AdamW, **settings)
     return PolicyOptimization(
         tiny_text_policy(lora=LORA, quantization=quantization, system_prompt=None),
         advantage=DRPO(window=10, kl_damping=True),
@@ -32,8 +41,7 @@ def _system(quantization: str | None, optimizer: str = "adamw") -> PolicyOptimiz
         rollout=HFEngine(),
         sampling=SamplingParams(n=2, max_new_tokens=8, seed=0),
         loss=LossConfig(kl_coef=0.05),
-        lr=0.05,
-        optimizer=optimizer,
+        optimizer=make_optimizer,
     )
 
 

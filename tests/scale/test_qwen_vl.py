@@ -7,6 +7,7 @@ import pytest
 import torch
 from scale_helpers import fit_system, vllm_greedy_after_sync
 
+from qoq.models import adamw
 from qoq.models.qwen_vl import PretrainedQwen2_5_VL, QwenVLPolicy, TinyQwen2_5_VL, tiny_qwen_vl_policy
 from qoq.rl.advantages import DRPO
 from qoq.rl.rewards import RewardFn
@@ -129,7 +130,7 @@ def test_drpo_steps_with_image_and_ecg_rollouts():
         rollout=HFEngine(),
         sampling=SamplingParams(n=2, max_new_tokens=8, seed=0),
         loss=LossConfig(kl_coef=0.01),
-        lr=1e-3,
+        optimizer=adamw(lr=1e-3, weight_decay=0.01),
     )
     system.configure_model()
     tower, merger, ecg_linear = (

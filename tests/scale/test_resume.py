@@ -169,10 +169,10 @@ def test_ckpt_path_last_without_a_checkpoint_is_an_error(tmp_path, capsys):
 def test_resuming_with_other_model_settings_lists_the_differences(setup_files, full_run, capsys):
     _, args = setup_files
     code = main(["fit", *args, "--trainer.default_root_dir", str(full_run), "--ckpt_path", "last",
-                 "--model.init_args.lr", "0.5", "--model.init_args.loss.kl_coef", "0.0"])
+                 "--model.init_args.optimizer.init_args.lr", "0.5", "--model.init_args.loss.kl_coef", "0.0"])
     assert code == 2
     err = capsys.readouterr().err
-    assert "model.init_args.lr: 0.003 in the checkpoint, 0.5 now" in err
+    assert "model.init_args.optimizer.init_args.lr: 0.003 in the checkpoint, 0.5 now" in err
     assert "model.init_args.loss.kl_coef: 0.001 in the checkpoint, 0.0 now" in err
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
 from scale_helpers import fit_system, text_batch
@@ -11,23 +10,16 @@ from qoq.rl.advantages import GRPO
 from qoq.rl.rewards import RewardFn
 from qoq.rl.rollout import HFEngine
 from qoq.systems import PolicyOptimization
-from qoq.testing import tiny_text_policy
-from qoq.types import RolloutBatch, SamplingParams
+from qoq.systems.update import micro_batches
+from qoq.testing import GradCapture, tiny_text_policy
+from qoq.types import SamplingParams
 
 
 
 def _split(token_budget, micro_batch_size, prompt_lengths, prompt_index, width):
-    system = PolicyOptimization(
-        tiny_text_policy(), token_budget=token_budget, micro_batch_size=micro_batch_size
-    )
-    n = len(prompt_index)
-    rollout = RolloutBatch(
-        prompt_index=torch.tensor(prompt_index),
-        response_ids=torch.zeros(n, width, dtype=torch.long),
-        response_mask=torch.ones(n, width, dtype=torch.bool),
-        texts=[""] * n,
-    )
-    return [m.tolist() for m in system._micro_batches(torch.arange(n), rollout, prompt_lengths)]
+    rows = torch.arange(len(prompt_index))
+    index = torch.tensor(prompt_index)
+    return [m.tolist() for m in micro_batches(rows, index, width, prompt_lengths, micro_batch_size, token_budget)]
 
 
 def test_rows_are_packed_by_padded_tokens():
@@ -42,16 +34,6 @@ def test_rows_are_packed_by_padded_tokens():
     assert _split(None, 3, lengths, index, 6) == [[0, 1, 2], [3]]
 
 
-class _GradCapture(L.Callback):
-    """Keeps the policy's gradients as the optimizer step sees them (summed over the micro-batches)."""
-
-    def __init__(self) -> None:
-        self.grads: dict[str, torch.Tensor] = {}
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        self.grads = {n: p.grad.clone() for n, p in pl_module.policy.named_parameters() if p.grad is not None}
-
-
 def _step_gradients(token_budget):
     system = PolicyOptimization(
         tiny_text_policy(system_prompt=None),
@@ -63,9 +45,9 @@ def _step_gradients(token_budget):
         grad_clip=0.0,
     )
     batch = text_batch(["Short?", "A much longer question about the chest x-ray findings?"], ["ct", "mri"])
-    capture = _GradCapture()
+    capture = GradCapture()
     fit_system(system, [batch], steps=1, callbacks=[capture])
-    return capture.grads
+    return capture.grads[-1]
 
 
 def test_a_token_budget_gives_the_gradient_of_one_whole_pass():

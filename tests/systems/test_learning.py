@@ -27,11 +27,12 @@ from qoq.data import ClinicalDataModule
 from qoq.data.dataset import ClinicalDataset, collate
 from qoq.data.domains import DOMAINS
 from qoq.data.manifest import read_manifest
-from qoq.models import FusionProjector, Policy, PolicyOptions, TinyLM, VisionEncoder
+from qoq.models import FusionProjector, adamw, Policy, PolicyOptions, TinyLM, VisionEncoder
 from qoq.rl.advantages import DRPO, GRPO
 from qoq.rl.rewards import RewardFn, set_f1
 from qoq.rl.rollout import HFEngine
 from qoq.systems import LossConfig, PolicyOptimization
+from qoq.testing import quiet_trainer
 from qoq.types import SamplingParams
 
 SIZE = 32
@@ -96,9 +97,7 @@ def _policy() -> Policy:
 
 
 def _trainer(root: Path, steps: int = -1) -> L.Trainer:
-    return L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                     limit_val_batches=0, default_root_dir=root)  # fmt: skip
+    return quiet_trainer(steps, limit_val_batches=0, default_root_dir=root)
 
 
 def _data(manifest: Path, seed: int, batch_size: int = 8) -> ClinicalDataModule:
@@ -146,7 +145,8 @@ def learning_gain(
         policy=policy, advantage=advantage, reward=RewardFn(weights={"accuracy": 1.0}),
         rollout=HFEngine(), sampling=SamplingParams(n=4, max_new_tokens=MAX_TOKENS, temperature=1.0, seed=seed),
         eval_sampling=SamplingParams(n=1, max_new_tokens=MAX_TOKENS, temperature=0.0),
-        loss=LossConfig(kl_coef=0.0), lr=lr, engine_dir=str(root / "engine"),
+        loss=LossConfig(kl_coef=0.0), optimizer=adamw(lr=lr, weight_decay=0.01),
+        engine_dir=str(root / "engine"),
     )  # fmt: skip
     before = _accuracy(system, task["eval"], root)
     _trainer(root / "rl", steps=rl_steps).fit(system, datamodule=_data(task["train"], seed))

@@ -5,14 +5,15 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from qoq.data import MultiDomainDataModule
+from qoq.models import adamw
 from qoq.models.policy import tiny_policy
 from qoq.rl.advantages import DRPO, GRPO, AdvantageInputs
 from qoq.rl.rewards import RewardFn
 from qoq.rl.rollout import HFEngine, ScriptedEngine
 from qoq.systems import LossConfig, NonFiniteError, PolicyOptimization
+from qoq.testing import GradCapture, fit, quiet_trainer
 from qoq.types import SamplingParams
 
 
@@ -31,24 +32,14 @@ def _system(tmp_path, **kwargs) -> PolicyOptimization:
         rollout=HFEngine(),
         sampling=SamplingParams(n=2, max_new_tokens=8, temperature=1.0, seed=0),
         loss=LossConfig(kl_coef=0.01),
-        lr=1e-2,
+        optimizer=adamw(lr=1e-2, weight_decay=0.01),
         engine_dir=str(tmp_path / "engine"),
     )
     return PolicyOptimization(**{**defaults, **kwargs})
 
 
 def _trainer(tmp_path, steps: int) -> L.Trainer:
-    return L.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-    )
+    return quiet_trainer(steps, limit_val_batches=0, default_root_dir=tmp_path)
 
 
 def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -106,18 +97,6 @@ def test_drpo_state_round_trips_through_checkpoint(tmp_path, datamodule) -> None
     torch.testing.assert_close(a, b)
 
 
-class _GradCapture(L.Callback):
-    """Keeps the policy's gradients at every optimizer step (summed over the micro-batches)."""
-
-    def __init__(self) -> None:
-        self.grads: list[dict[str, torch.Tensor]] = []
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        self.grads.append(
-            {n: p.grad.clone() for n, p in pl_module.policy.named_parameters() if p.grad is not None}
-        )
-
-
 @pytest.fixture(scope="module")
 def one_batch(datamodule):
     """The first training batch, fixed (the data module's stream moves on between fits)."""
@@ -147,10 +126,8 @@ def _run(tmp_path, batch, **kwargs):
         return logprobs(*args, **kw)
 
     system.policy.response_logprobs = counted
-    capture = _GradCapture()
-    trainer = _trainer(tmp_path, steps=1)
-    trainer.callbacks.append(capture)
-    trainer.fit(system, DataLoader([batch], batch_size=None, collate_fn=lambda b: b))
+    capture = GradCapture()
+    trainer = fit(system, [batch], 1, callbacks=[capture], limit_val_batches=0, default_root_dir=tmp_path)
     return system, capture.grads, dict(trainer.callback_metrics), forwards
 
 
@@ -269,9 +246,8 @@ def test_non_finite_log_probs_raise_before_the_optimizer(tmp_path, one_batch, ph
 
         system.rollout.generate = poisoned
         expected = "phase 'rollout \\(engine log-probs\\)'"
-    trainer = _trainer(tmp_path, steps=1)
     with pytest.raises(NonFiniteError, match=f"step 0, {expected}.*{one_batch.ids[1 if phase == 'engine' else 0]}"):
-        trainer.fit(system, DataLoader([one_batch], batch_size=None, collate_fn=lambda b: b))
+        fit(system, [one_batch], 1, limit_val_batches=0, default_root_dir=tmp_path)
     after = _snapshot(system.policy)
     assert all(torch.equal(before[k], after[k]) for k in before)
 

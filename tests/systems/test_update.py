@@ -8,7 +8,8 @@ import torch
 
 from qoq.systems import update
 from qoq.systems.update import LossConfig, OldLogprobs, UpdateHooks, UpdateSettings
-from qoq.types import PromptBatch, RewardTarget, RolloutBatch, SamplingParams
+from qoq.testing import make_batch
+from qoq.types import PromptBatch, RolloutBatch, SamplingParams
 
 INDEX = torch.tensor([0, 0, 1, 1, 2, 2])  # 3 prompts x 2 responses
 
@@ -21,9 +22,7 @@ def _rollout(engine_logprobs: torch.Tensor | None = None) -> RolloutBatch:
 
 
 def _batch() -> PromptBatch:
-    target = RewardTarget(answer=("a",), labels=("a", "b"))
-    return PromptBatch(ids=["p0", "p1", "p2"], texts=["q"] * 3, modalities={}, targets=[target] * 3,
-                       domains=["ct"] * 3, datasets=["ct"] * 3, domain_ids=torch.zeros(3, dtype=torch.long))  # fmt: skip
+    return make_batch(["q"] * 3, [["a"]] * 3, labels=("a", "b"), domains=["ct"] * 3)
 
 
 class _Toy(torch.nn.Module):
@@ -104,7 +103,7 @@ def test_ppo_update_names_the_prompts_of_a_non_finite_loss() -> None:
                         lambda loss: None, lambda max_norm: 0.0, step=3)  # fmt: skip
     old = OldLogprobs(torch.zeros(6, 3), torch.ones(6, dtype=torch.bool))
     plan = update.mini_batch_plan(INDEX, 3, 1, 1, step=0)
-    with pytest.raises(update.NonFiniteError, match=r"step 3, phase 'update \(current log-probs\)'.*p0"):
+    with pytest.raises(update.NonFiniteError, match=r"step 3, phase 'update \(current log-probs\)'.*rec-0"):
         update.ppo_update(_batch(), rollout, old, None, torch.zeros(6), plan, UpdateSettings(LossConfig()), hooks)
     engine_needed = UpdateSettings(LossConfig(mismatch="token_tis"))
     with pytest.raises(ValueError, match="needs the rollout engine's log-probs"):
