@@ -495,8 +495,7 @@ class Policy(L.LightningModule):
         checkpoint["tokenizer_fingerprint"] = self.tokenizer_fingerprint
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:  # noqa: D102 - Lightning hook
-        source = getattr(self._trainer, "ckpt_path", None) or "checkpoint"
-        self.check_tokenizer(checkpoint.get("tokenizer_fingerprint"), source)
+        self.check_tokenizer(checkpoint.get("tokenizer_fingerprint"), checkpoint_source(self))
 
     def configure_optimizers(self) -> Any:
         """The ``optimizer`` over the trainable parameters (decay on matrices only), with ``lr_schedule``."""
@@ -561,3 +560,11 @@ def tiny_policy(
         hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, num_kv_heads=1, seed=seed
     )
     return Policy(lm, encoders=encoders, projector=projector, options=PolicyOptions(**options))
+
+
+def checkpoint_source(module: L.LightningModule) -> str:
+    """The checkpoint ``module`` is being loaded from, for messages ("checkpoint" outside a Trainer)."""
+    try:
+        return str(module.trainer.ckpt_path or "checkpoint")
+    except RuntimeError:  # not attached to a Trainer
+        return "checkpoint"

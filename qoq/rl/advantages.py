@@ -185,11 +185,6 @@ def drpo(
        are, which also covers t = z_i = 0).
     5. A_i = s~_i / (std(s~) + eps) over the whole batch (unbiased std); every A_i must be finite.
 
-    Two switches leave the paper's rule (their defaults) for named variants: ``damping_over="positive"``
-    takes t over the responses with z_i > 0 only (the paper's t is 0 whenever 25 % or fewer responses have
-    z_i > 0, which zeroes every positive advantage of the batch), and ``cap`` clips every A_i to
-    [-cap, cap] after step 5.
-
     Without damping each group keeps mean zero; the batch has unit std (up to eps). Questions whose
     rewards are all equal still enter the history (they shape the clusters) but get zero advantage.
 
@@ -201,8 +196,9 @@ def drpo(
         kl: ``[N]`` per-response KL(pi || pi_ref) for damping, or None for no damping.
         domain_only: drop the cluster factor (the DomainOnly ablation).
         damping_quantile: the quantile t of the damping rule.
-        damping_over: the responses t is taken over: ``"all"`` (the paper) or ``"positive"`` (z_i > 0).
-        cap: clip the final advantages to [-cap, cap]; None (the paper): no clipping.
+        damping_over: the responses t is taken over: ``"all"`` (the paper; t = 0 whenever 25 % or fewer
+            have z_i > 0, which zeroes every positive advantage) or ``"positive"`` (z_i > 0 only).
+        cap: clip the final advantages to [-cap, cap] after step 5; None (the paper): no clipping.
         eps: floor of the temperatures and the batch std's epsilon; also GRPO's epsilon.
         push: push this batch into ``stats`` first (False: use the history as it is; every domain of the
             batch must then already have one).
@@ -220,10 +216,8 @@ def drpo(
     if not bool(torch.isfinite(rewards).all()):
         raise ValueError("DRPO: rewards contain NaN or inf (nothing was pushed into the history)")
     with single_threaded():  # small tensors: intra-op threads only add hand-off cost
-        return _drpo(
-            rewards, group_ids, domain_ids, stats, kl, domain_only, damping_quantile, damping_over, cap, eps,
-            push, step,
-        )  # fmt: skip
+        damping = (damping_quantile, damping_over)
+        return _drpo(rewards, group_ids, domain_ids, stats, kl, domain_only, damping, cap, eps, push, step)
 
 
 def _drpo(
@@ -233,8 +227,7 @@ def _drpo(
     stats: DomainStats,
     kl: Tensor | None,
     domain_only: bool,
-    damping_quantile: float,
-    damping_over: str,
+    damping: tuple[float, str],
     cap: float | None,
     eps: float,
     push: bool,
@@ -265,9 +258,9 @@ def _drpo(
     s_tilde = s / scale
     if kl is not None:
         z = (s_tilde * kl.detach().double()).clamp(min=0)  # [N]
+        quantile, over = damping  # over "all" responses (the paper) or the "positive" z only
         positive = z[z > 0]
-        over = positive if damping_over == "positive" and len(positive) else z
-        t = torch.quantile(over, damping_quantile)
+        t = torch.quantile(positive if over == "positive" and len(positive) else z, quantile)
         s_tilde = s_tilde * torch.where(z > 0, t / (t + z), torch.ones_like(z))
         metrics["damping_t"] = t.float()
     adv = s_tilde / (batch_std(s_tilde) + eps)  # [N]

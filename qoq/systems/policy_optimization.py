@@ -18,7 +18,7 @@ from torch import Tensor
 
 from qoq import strategies
 from qoq.models.optim import OptimizerCallable, adamw, build_optimizer
-from qoq.models.policy import Policy
+from qoq.models.policy import Policy, checkpoint_source
 from qoq.rl import losses
 from qoq.rl.advantages import DRPO, AdvantageEstimator
 from qoq.rl.rewards import RewardFn
@@ -277,8 +277,7 @@ class PolicyOptimization(L.LightningModule):
         checkpoint["tokenizer_fingerprint"] = self.policy.tokenizer_fingerprint
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        source = getattr(self._trainer, "ckpt_path", None) or "checkpoint"
-        self.policy.check_tokenizer(checkpoint.get("tokenizer_fingerprint"), source)
+        self.policy.check_tokenizer(checkpoint.get("tokenizer_fingerprint"), checkpoint_source(self))
         state = checkpoint.get("qoq", {})
         if "advantage" in state:
             self.advantage.load_state_dict(state["advantage"])

@@ -110,6 +110,8 @@ class _RecordingEstimator:
         return out
 
     def __getattr__(self, name: str) -> Any:  # needs_kl, state_dict, load_state_dict, ...
+        if name == "inner":  # not set yet while the wrapper is copied: no endless recursion
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
 
