@@ -395,6 +395,9 @@ class Policy(L.LightningModule):
             obj = getattr(self, attr, None)
             if obj is not None:
                 memo[id(obj)] = None  # do not copy the Trainer along
+        # The options are frozen settings, shared rather than copied: their optimizer, when LightningCLI built
+        # it, is a callable that holds the CLI and through it the whole run (system, data module, engine).
+        memo[id(self.options)] = self.options
         twin = copy.deepcopy(self, memo)
         twin.requires_grad_(False)
         return twin.eval()

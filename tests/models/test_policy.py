@@ -1,6 +1,7 @@
 """Policy: prompt splicing, placeholder errors, log-probs vs HF forward / generate, SFT, freezing, copies."""
 
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -220,6 +221,26 @@ def test_frozen_copy_shares_nothing(text_policy):
         torch.testing.assert_close(twin.lm(ids).logits, text_policy.lm(ids).logits)
     with pytest.raises(RuntimeError, match="frozen_copy"), text_policy.reference_mode():
         pass
+
+
+def test_frozen_copy_shares_the_options_and_copies_nothing_they_reach():
+    """LightningCLI's optimizer callable holds the CLI, and through it the whole run: the frozen copy keeps the
+    (immutable) options as they are instead of deep-copying everything reachable from them."""
+
+    class Run:  # stands for the CLI an optimizer callable holds on to
+        copies = 0
+
+        def __deepcopy__(self, memo):
+            Run.copies += 1
+            return Run()
+
+    pol = tiny_text_policy(optimizer=functools.partial(_optimizer_with_owner, owner=Run()))
+    twin = pol.frozen_copy()
+    assert twin.options is pol.options and Run.copies == 0
+
+
+def _optimizer_with_owner(params, owner):  # an optimizer callable that references another object
+    return torch.optim.AdamW(params)
 
 
 def test_save_lm_loads_in_transformers(text_policy, tmp_path):
