@@ -68,7 +68,13 @@ REGIMES = ROOT / "configs" / "regime"
 
 def data_condition(condition: str) -> str:
     """``easy_head@group8`` -> ``easy_head`` (the part that decides the data and the held-out split)."""
-    return condition.split("@", 1)[0]
+    return condition.partition("@")[0]
+
+
+def sft_suffix(condition: str) -> str:
+    """Suffix of the warm start's evaluation folders for a condition's held-out split ("" for easy_head)."""
+    data = data_condition(condition)
+    return "" if data == "easy_head" else f"-{data}"
 
 
 def condition_args(condition: str) -> tuple[str, ...]:
@@ -252,7 +258,7 @@ def sft_rows(plan: Plan, condition: str, seed: int, say=print) -> Run:
     row = Run(condition, SFT, seed, reports={})
     run_dir = plan.run_dir(condition, SFT, seed)
     condition = data_condition(condition)  # a regime changes the RL stage only: the warm start's rows are shared
-    sub = "" if condition == "easy_head" else f"-{condition}"
+    sub = sft_suffix(condition)
     try:
         for name in EVALS:
             folder = f"{name}{sub}"
@@ -335,7 +341,7 @@ def finished(plan: Plan) -> list[Run]:
     """Every run whose evaluations have finished, without running anything."""
     out = []
     for c in plan.conditions:
-        sub = "" if data_condition(c) == "easy_head" else f"-{data_condition(c)}"
+        sub = sft_suffix(c)
         for m in (SFT, *plan.methods):
             for s in plan.seeds:
                 run_dir = plan.run_dir(c, m, s)

@@ -224,20 +224,26 @@ def _resolve_checkpoint(ckpt_path: str, root: str) -> Path:
     return path
 
 
-def _is_checkpoint(path: Path) -> bool:
-    return path.is_file() or (path / SHARDED_METADATA).is_file()
-
-
 #: The file of a sharded checkpoint folder that holds everything but the weights (Lightning's FSDP layout).
 SHARDED_METADATA = "meta.pt"
+
+
+def _checkpoint_file(path: str | Path) -> Path:
+    """The file holding a checkpoint's step and state: the checkpoint itself, or a shard folder's meta.pt."""
+    path = Path(path)
+    return path / SHARDED_METADATA if path.is_dir() else path
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return _checkpoint_file(path).is_file()
 
 
 def _checkpoint_step(path: str) -> int:
     """The global step a checkpoint was written at (memory-mapped: the weights are not read)."""
     import torch
 
-    file = Path(path) / SHARDED_METADATA if Path(path).is_dir() else Path(path)
-    return int(torch.load(file, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    state = torch.load(_checkpoint_file(path), map_location="cpu", weights_only=True, mmap=True)
+    return int(state["global_step"])
 
 
 def _differences(given: Any, saved: Any, prefix: str = "model") -> list[tuple[str, Any, Any]]:
